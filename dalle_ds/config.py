@@ -1,0 +1,388 @@
+"""Configuration: one keyword-only dataclass per component, named presets, validated overrides.
+
+A run is described by an `ExperimentConfig` holding one dataclass per component. Presets are plain
+functions (`tiny`, `shapes`, `small`, `12b`). Overrides come as dotted keys (`prior.d_model=256`) from
+the command line or as a nested YAML mapping, and are checked against the dataclass fields: an unknown
+field or a value of the wrong type is refused with a message naming the field. Batch size and
+precision are not here: they belong to the DeepSpeed JSON in `ds_configs/`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or inconsistent with another one."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    dataset: str = "shapes"          # built-in procedural captioned shapes
+    image_size: int = 256            # pixels per side fed to the dVAE
+    num_train: int = 20000           # shapes: number of training pairs
+    num_val: int = 512               # shapes: validation pairs (training compositions, other seeds)
+    two_shape_prob: float = 0.3      # shapes: fraction of images with two shapes
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class TokenizerConfig:
+    vocab_size: int = 16384          # PAPER §2
+    text_len: int = 256              # text slots; longer captions are truncated (warned once)
+    bpe_dropout: float = 0.1         # PAPER §2: training only, never at sampling
+    lowercase: bool = True
+
+
+@dataclass(kw_only=True)
+class DVAEConfig:
+    image_size: int = 256
+    channels: int = 3
+    n_hid: int = 256                 # width of the first group; doubles per group (PAPER §1.1)
+    n_groups: int = 4                # downsampling factor = 2 ** (n_groups - 1)
+    n_blk_per_group: int = 2
+    n_init: int = 128                # decoder's first 1x1 conv width
+    vocab_size: int = 8192           # codebook size K
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (self.n_groups - 1)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.downsample
+
+
+@dataclass(kw_only=True)
+class DVAETrainConfig:
+    steps: int = 3_000_000
+    lr: float = 1e-4                 # cosine 1e-4 -> 1.25e-6 over lr_decay_steps (PAPER §1.3)
+    lr_end: float = 1.25e-6
+    lr_decay_steps: int = 1_200_000
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    kl_weight: float = 6.6           # cosine 0 -> 6.6 over kl_warmup_steps
+    kl_warmup_steps: int = 5000
+    temp_start: float = 1.0          # gumbel-softmax temperature, cosine 1 -> 1/16
+    temp_end: float = 1.0 / 16
+    temp_anneal_steps: int = 150_000
+    ema_decay: float = 0.999
+    log_every: int = 50
+    save_every: int = 5000
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class PriorConfig:
+    text_len: int = 256
+    text_vocab_size: int = 16384     # BPE ids; per-position pad tokens are added on top of these
+    image_grid: int = 32             # image tokens per side
+    image_vocab_size: int = 8192
+    d_model: int = 3968
+    n_layers: int = 64
+    n_heads: int = 62
+    mlp_ratio: int = 4
+    conv_kernel: int = 11            # the last layer's causal conv window (PAPER §3.5)
+    attention_backend: str = "dense"  # dense | sparse | triton
+    text_loss_weight: float = 1.0 / 8  # image weight is 1 - this (PAPER §3.4)
+    dropout: float = 0.0
+
+    @property
+    def image_len(self) -> int:
+        return self.image_grid ** 2
+
+    @property
+    def seq_len(self) -> int:
+        return self.text_len + self.image_len
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass(kw_only=True)
+class PriorTrainConfig:
+    steps: int = 430_000
+    lr: float = 4.5e-4               # linear warm-up then cosine decay to lr * lr_end_ratio
+    warmup_steps: int = 5000
+    lr_end_ratio: float = 1.0 / 32   # the paper ends at 1/32 of the peak after 5 halvings
+    betas: tuple[float, float] = (0.9, 0.96)
+    eps: float = 1e-8
+    weight_decay: float = 4.5e-2
+    log_every: int = 50
+    save_every: int = 5000
+    eval_every: int = 1000
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class SampleConfig:
+    temperature: float = 1.0
+    top_k: int = 0                   # 0 = off
+    top_p: float = 1.0               # 1.0 = off
+    num_per_caption: int = 1
+    batch_size: int = 16
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    dvae: DVAEConfig = field(default_factory=DVAEConfig)
+    dvae_train: DVAETrainConfig = field(default_factory=DVAETrainConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    prior_train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self) -> "ExperimentConfig":
+        validate(self)
+        return self
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+def _require(cond: bool, field_name: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Refuse inconsistent combinations, naming the field and the fix."""
+    d, p, t = cfg.dvae, cfg.prior, cfg.tokenizer
+    _require(d.n_groups >= 1, "dvae.n_groups", f"must be >= 1, got {d.n_groups}")
+    _require(d.image_size % d.downsample == 0, "dvae.image_size",
+             f"{d.image_size} is not divisible by the dVAE's downsampling factor {d.downsample} "
+             f"(2 ** (dvae.n_groups - 1)); pick an image size that is a multiple of {d.downsample}")
+    _require(d.n_hid % 4 == 0, "dvae.n_hid", f"must be a multiple of 4 (bottleneck width n/4), got {d.n_hid}")
+    _require(cfg.data.image_size == d.image_size, "data.image_size",
+             f"{cfg.data.image_size} differs from dvae.image_size {d.image_size}; set both to the same value")
+    _require(p.n_heads > 0 and p.d_model % p.n_heads == 0, "prior.n_heads",
+             f"{p.n_heads} heads do not divide prior.d_model {p.d_model}")
+    _require(p.n_layers >= 1, "prior.n_layers", f"must be >= 1, got {p.n_layers}")
+    _require(p.conv_kernel % 2 == 1 and 1 <= p.conv_kernel <= 2 * p.image_grid - 1, "prior.conv_kernel",
+             f"must be odd and at most 2 * prior.image_grid - 1 = {2 * p.image_grid - 1}, got {p.conv_kernel}")
+    _require(p.attention_backend in ("dense", "sparse", "triton"), "prior.attention_backend",
+             f"unknown backend {p.attention_backend!r}; choose dense, sparse or triton")
+    _require(0.0 < p.text_loss_weight < 1.0, "prior.text_loss_weight", "must lie strictly between 0 and 1")
+    _require(p.image_grid == d.grid_size, "prior.image_grid",
+             f"{p.image_grid} differs from the dVAE's grid {d.grid_size} "
+             f"(dvae.image_size / 2 ** (dvae.n_groups - 1)); make them equal")
+    _require(p.image_vocab_size == d.vocab_size, "prior.image_vocab_size",
+             f"{p.image_vocab_size} differs from dvae.vocab_size {d.vocab_size}; make them equal")
+    _require(p.text_len == t.text_len, "prior.text_len",
+             f"{p.text_len} differs from tokenizer.text_len {t.text_len}; make them equal")
+    _require(p.text_vocab_size == t.vocab_size, "prior.text_vocab_size",
+             f"{p.text_vocab_size} differs from tokenizer.vocab_size {t.vocab_size}; make them equal")
+    _require(0.0 <= t.bpe_dropout < 1.0, "tokenizer.bpe_dropout", f"must be in [0, 1), got {t.bpe_dropout}")
+    _require(t.vocab_size >= 64, "tokenizer.vocab_size", f"must be >= 64, got {t.vocab_size}")
+    s = cfg.sample
+    _require(s.temperature > 0, "sample.temperature", f"must be > 0, got {s.temperature}")
+    _require(0.0 < s.top_p <= 1.0, "sample.top_p", f"must be in (0, 1], got {s.top_p}")
+    _require(s.top_k >= 0, "sample.top_k", f"must be >= 0 (0 = off), got {s.top_k}")
+
+
+def check_compatible(saved: ExperimentConfig, current: ExperimentConfig, component: str) -> None:
+    """Refuse a checkpoint whose architecture differs from the config it is loaded into."""
+    a, b = getattr(saved, component), getattr(current, component)
+    for f in dataclasses.fields(a):
+        va, vb = getattr(a, f.name), getattr(b, f.name)
+        if f.name in ("attention_backend", "dropout"):
+            continue  # weights do not depend on these
+        if va != vb:
+            raise ConfigError(
+                f"{component}.{f.name}: the checkpoint was trained with {va!r} but the config asks for "
+                f"{vb!r}; drop the override or load a matching checkpoint")
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets
+
+def preset_12b() -> ExperimentConfig:
+    """The paper: 64 layers x 62 heads x 64 = d 3968, text 256 of 16384, image 32x32 of 8192."""
+    return ExperimentConfig()
+
+
+def preset_small() -> ExperimentConfig:
+    """A CPU-trainable model at the paper's grid (32x32 = 1024 image tokens): benchmarks."""
+    return ExperimentConfig(
+        data=DataConfig(image_size=128),
+        tokenizer=TokenizerConfig(vocab_size=4096, text_len=128),
+        dvae=DVAEConfig(image_size=128, n_hid=64, n_groups=3, n_blk_per_group=1, n_init=64, vocab_size=2048),
+        prior=PriorConfig(text_len=128, text_vocab_size=4096, image_grid=32, image_vocab_size=2048,
+                          d_model=256, n_layers=8, n_heads=4, conv_kernel=11),
+    )
+
+
+def preset_shapes() -> ExperimentConfig:
+    """The built-in demo: 32 px shapes, 8x8 token grid, trains end to end in minutes on 2 cores."""
+    return ExperimentConfig(
+        data=DataConfig(image_size=32, num_train=20000, num_val=512, two_shape_prob=0.3),
+        tokenizer=TokenizerConfig(vocab_size=256, text_len=32),
+        dvae=DVAEConfig(image_size=32, n_hid=32, n_groups=3, n_blk_per_group=1, n_init=32, vocab_size=128),
+        dvae_train=DVAETrainConfig(steps=1200, lr=2e-3, lr_end=1e-4, lr_decay_steps=1200, kl_weight=1.0,
+                                   kl_warmup_steps=300, temp_anneal_steps=1000, ema_decay=0.99,
+                                   log_every=50, save_every=1000),
+        prior=PriorConfig(text_len=32, text_vocab_size=256, image_grid=8, image_vocab_size=128,
+                          d_model=192, n_layers=6, n_heads=6, conv_kernel=5),
+        prior_train=PriorTrainConfig(steps=2000, lr=1e-3, warmup_steps=100, weight_decay=1e-2,
+                                     log_every=50, save_every=1000, eval_every=500),
+        sample=SampleConfig(temperature=1.0, top_k=0, top_p=0.9, batch_size=32),
+    )
+
+
+def preset_tiny() -> ExperimentConfig:
+    """Seconds-fast model for CPU tests; every code path, nothing learned."""
+    return ExperimentConfig(
+        data=DataConfig(image_size=16, num_train=256, num_val=32),
+        tokenizer=TokenizerConfig(vocab_size=96, text_len=12),
+        dvae=DVAEConfig(image_size=16, n_hid=8, n_groups=3, n_blk_per_group=1, n_init=8, vocab_size=32),
+        dvae_train=DVAETrainConfig(steps=20, lr=1e-3, lr_decay_steps=20, kl_warmup_steps=5,
+                                   temp_anneal_steps=10, log_every=5, save_every=10),
+        prior=PriorConfig(text_len=12, text_vocab_size=96, image_grid=4, image_vocab_size=32,
+                          d_model=32, n_layers=4, n_heads=2, conv_kernel=3),
+        prior_train=PriorTrainConfig(steps=20, lr=1e-3, warmup_steps=2, log_every=5, save_every=10,
+                                     eval_every=10),
+    )
+
+
+PRESETS = {"tiny": preset_tiny, "shapes": preset_shapes, "small": preset_small, "12b": preset_12b}
+
+
+def get_preset(name: str) -> ExperimentConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ----------------------------------------------------------------------------------------------
+# Overrides (command line `section.field=value` and nested YAML mappings) and (de)serialisation
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert `value` (a string from the command line or a YAML scalar) to the field's type."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{name}: expected {len(args)} comma-separated values, got {value!r}")
+        return tuple(_coerce(v, a, name) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            f = float(str(value).replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+        if not f.is_integer():
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        try:
+            text = str(value)
+            if "/" in text:  # allow 1/16 for temperatures and loss weights
+                num, den = text.split("/")
+                return float(num) / float(den)
+            out = float(text)
+        except ValueError:
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+        if not math.isfinite(out):
+            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+        return out
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{name}: unsupported field type {tp!r}")
+
+
+def _field_types(obj: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+
+
+def _unknown(name: str, prefix: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+    return ConfigError(f"{prefix}{name}: unknown field{hint}; valid fields are: {', '.join(valid)}")
+
+
+def set_field(cfg: ExperimentConfig, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"{dotted}: overrides are written section.field=value, e.g. prior.d_model=256")
+    section, name = parts
+    sections = _field_types(cfg)
+    if section not in sections:
+        raise _unknown(section, "", list(sections))
+    sub = getattr(cfg, section)
+    types = _field_types(sub)
+    if name not in types:
+        raise _unknown(name, f"{section}.", list(types))
+    setattr(sub, name, _coerce(value, types[name], dotted))
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: list[str] | dict | None) -> ExperimentConfig:
+    """Apply `["prior.d_model=256", ...]` or a nested `{"prior": {"d_model": 256}}` mapping."""
+    if not overrides:
+        return cfg
+    if isinstance(overrides, dict):
+        for section, values in overrides.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{section}: expected a mapping of fields, got {values!r}")
+            for name, value in values.items():
+                set_field(cfg, f"{section}.{name}", value)
+        return cfg
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{item}: overrides are written section.field=value, e.g. prior.d_model=256")
+        key, value = item.split("=", 1)
+        set_field(cfg, key.strip(), value.strip())
+    return cfg
+
+
+def load_config(preset: str = "shapes", yaml_path: str | Path | None = None,
+                overrides: list[str] | None = None) -> ExperimentConfig:
+    """Preset, then YAML file, then command-line overrides; validated at the end."""
+    cfg = get_preset(preset)
+    if yaml_path is not None:
+        import yaml  # noqa: PLC0415 - only needed when a YAML file is given
+
+        data = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{yaml_path}: expected a mapping of sections at the top level")
+        apply_overrides(cfg, data)
+    apply_overrides(cfg, overrides)
+    return cfg.validate()
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> ExperimentConfig:
+    """Rebuild a config saved in a checkpoint (validated the same way as overrides)."""
+    cfg = ExperimentConfig()
+    apply_overrides(cfg, {k: dict(v) for k, v in data.items()})
+    return cfg.validate()
