@@ -1,0 +1,116 @@
+"""Stage 1: train the discrete VAE under a DeepSpeed engine (PAPER §1).
+
+    python -m dalle_ds.train_dvae --preset shapes --out runs/dvae
+    deepspeed --num_gpus 2 dalle_ds/train_dvae.py --preset small --ds-config ds_configs/cpu_zero3_fp32.json --out runs/dvae
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file (deepspeed launcher): import the package, not siblings
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse
+import math
+
+import torch
+
+from dalle_ds.cli_common import add_config_args, config_from_args
+from dalle_ds.config import ExperimentConfig
+from dalle_ds.data.sources import image_dataset
+from dalle_ds.dvae import DVAE
+from dalle_ds.dvae.schedules import dvae_schedules
+from dalle_ds.training import checkpoint as ckpt
+from dalle_ds.training.distributed import device, init_distributed, is_main
+from dalle_ds.training.ema import EMA
+from dalle_ds.training.engine import build_engine, compute_dtype, load_ds_config
+from dalle_ds.training.loop import LoopConfig, fit
+
+
+def load_images(dataset, indices: list[int]) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> float in [0, 1]."""
+    return torch.stack([dataset[i]["image"] for i in indices]).float().div_(255.0)
+
+
+@torch.no_grad()
+def recon_psnr(dvae: torch.nn.Module, dataset, *, batch: int = 64, limit: int = 512) -> float:
+    """PSNR (dB) of argmax-token reconstructions (encode -> decode), the path the prior sees."""
+    dvae.eval()
+    n = min(len(dataset), limit)
+    se, count = 0.0, 0
+    dtype = next(dvae.parameters()).dtype
+    for start in range(0, n, batch):
+        x = load_images(dataset, list(range(start, min(n, start + batch)))).to(device())
+        x_hat = dvae.decode(dvae.encode(x.to(dtype))).float()
+        se += (x_hat - x).pow(2).sum().item()
+        count += x.numel()
+    return 10.0 * math.log10(1.0 / max(se / count, 1e-12))
+
+
+def train_dvae(cfg: ExperimentConfig, *, ds_config, out_dir: str | Path, resume: bool = True,
+               progress: bool = True) -> dict:
+    """Train, then export the EMA weights to `out_dir/dvae.pt`. Returns a summary (rank 0)."""
+    init_distributed()
+    out_dir = Path(out_dir)
+    tcfg = cfg.dvae_train
+    torch.manual_seed(tcfg.seed)
+    ds_cfg = load_ds_config(ds_config)
+    train_set, val_set = image_dataset(cfg.data, "train"), image_dataset(cfg.data, "val")
+    model = DVAE(cfg.dvae)
+    engine = build_engine(model, ds_cfg, lr=tcfg.lr, betas=tcfg.betas, eps=tcfg.eps,
+                          weight_decay=tcfg.weight_decay,
+                          lr_lambda=lambda step: dvae_schedules(step, tcfg)["lr"] / tcfg.lr)
+    ema = EMA(engine.module, tcfg.ema_decay)
+    dtype = compute_dtype(ds_cfg)
+
+    def loss_fn(eng, idx, step):
+        x = load_images(train_set, idx).to(device(), dtype)
+        s = dvae_schedules(step, tcfg)
+        loss, stats = eng(x, temperature=s["temperature"], kl_weight=s["kl_weight"])
+        return loss, {k: stats[k] for k in ("nll", "kl", "recon_mse", "codebook_usage")}, x.numel()
+
+    def eval_fn(module):
+        with ema.swapped_in():
+            return {"recon_psnr": recon_psnr(module, val_set)}
+
+    loop = LoopConfig(steps=tcfg.steps, log_every=tcfg.log_every, save_every=tcfg.save_every,
+                      eval_every=0, seed=tcfg.seed, desc="dVAE", progress=progress)
+    result = fit(engine, loss_fn=loss_fn, num_items=len(train_set), ds_cfg=ds_cfg, out_dir=out_dir, loop=loop,
+                 ema=ema, eval_fn=eval_fn, schedule_fn=lambda step: dvae_schedules(step, tcfg), resume=resume)
+    with ema.swapped_in():
+        state = ckpt.gathered_state_dict(engine.module)
+    if is_main():
+        ckpt.save_model_file(out_dir / "dvae.pt", {"kind": "dvae", "config": cfg.to_dict(), "state_dict": state,
+                                                   "step": result.step})
+    return {"step": result.step, "seconds": result.seconds, "recon_psnr": result.last_eval.get("recon_psnr"),
+            "history": result.history, "path": str(out_dir / "dvae.pt")}
+
+
+def load_dvae(path: str | Path, cfg: ExperimentConfig | None = None) -> tuple[DVAE, ExperimentConfig]:
+    """Rebuild the dVAE from its exported file alone (no DeepSpeed); refuse a mismatching config."""
+    from dalle_ds.config import check_compatible, from_dict  # noqa: PLC0415
+
+    payload = ckpt.load_model_file(path)
+    saved = from_dict(payload["config"])
+    if cfg is not None:
+        check_compatible(saved, cfg, "dvae")
+    model = DVAE(saved.dvae)
+    model.load_state_dict(payload["state_dict"])
+    return model.eval(), saved
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p, ds_default="cpu_zero0_fp32.json")
+    p.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, dvae.pt")
+    p.add_argument("--no-resume", action="store_true", help="start over even if out/checkpoints exists")
+    args = p.parse_args(argv)
+    summary = train_dvae(config_from_args(args), ds_config=args.ds_config, out_dir=args.out,
+                         resume=not args.no_resume)
+    if is_main():
+        print(f"dVAE: {summary['step']} steps, recon PSNR {summary['recon_psnr']:.2f} dB -> {summary['path']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Stage 2: train the sparse-attention transformer prior over [text | image tokens] under DeepSpeed.
+
+    python -m dalle_ds.train_prior --preset shapes --data runs/tokens --out runs/prior
+    deepspeed --num_gpus 2 dalle_ds/train_prior.py --preset tiny --ds-config ds_configs/cpu_zero3_fp32.json ...
+    deepspeed --hostfile hostfiles/v100 dalle_ds/train_prior.py --preset 12b --ds-config ds_configs/... ...
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file (deepspeed launcher): import the package, not siblings
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse
+
+import torch
+
+from dalle_ds.cli_common import add_config_args, config_from_args
+from dalle_ds.config import ExperimentConfig, PriorTrainConfig, check_compatible, from_dict
+from dalle_ds.data.encode import load_encoded
+from dalle_ds.prior.model import Prior
+from dalle_ds.tokenizer import CaptionTokenizer
+from dalle_ds.training import checkpoint as ckpt
+from dalle_ds.training.distributed import barrier, device, init_distributed, is_main
+from dalle_ds.training.engine import build_engine, load_ds_config
+from dalle_ds.training.loop import LoopConfig, fit
+
+
+def lr_factor(step: int, t: PriorTrainConfig) -> float:
+    """Linear warm-up (PAPER §3.6), then cosine decay to lr_end_ratio: a smooth stand-in for the paper's
+    manual halving on plateaus, which needs a human watching the loss."""
+    import math  # noqa: PLC0415
+
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    frac = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    return t.lr_end_ratio + (1.0 - t.lr_end_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def get_tokenizer(cfg: ExperimentConfig, out_dir: Path, captions: list[str],
+                  path: str | Path | None) -> CaptionTokenizer:
+    """Load the given tokenizer, or the run's own, or train one on the training captions (rank 0)."""
+    own = out_dir / "tokenizer.json"
+    if path is not None:
+        return CaptionTokenizer.load(path, cfg.tokenizer)
+    if is_main() and not own.exists():
+        own.parent.mkdir(parents=True, exist_ok=True)
+        CaptionTokenizer.train(captions, cfg.tokenizer).save(own)
+    barrier()
+    return CaptionTokenizer.load(own, cfg.tokenizer)
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, tok: CaptionTokenizer, captions: list[str], tokens: torch.Tensor,
+                    *, batch: int = 64) -> dict:
+    """Mean text and image cross-entropy over the validation split (no BPE dropout)."""
+    model.eval()
+    sums, n = {"loss_text": 0.0, "loss_image": 0.0}, 0
+    for s in range(0, len(captions), batch):
+        text = tok.encode_batch(captions[s:s + batch], train=False).to(device())
+        _, stats = model(text, tokens[s:s + batch].to(device()))
+        k = text.shape[0]
+        for key in sums:
+            sums[key] += float(stats[key]) * k
+        n += k
+    return {key: v / max(n, 1) for key, v in sums.items()}
+
+
+def train_prior(cfg: ExperimentConfig, *, ds_config, data_dir: str | Path, out_dir: str | Path,
+                tokenizer_path: str | Path | None = None, resume: bool = True, progress: bool = True) -> dict:
+    """Train, then export `out_dir/prior.pt` (config + weights + tokenizer). Returns a summary."""
+    init_distributed()
+    out_dir = Path(out_dir)
+    tcfg = cfg.prior_train
+    torch.manual_seed(tcfg.seed)
+    ds_cfg = load_ds_config(ds_config)
+    captions, tokens = load_encoded(data_dir, "train")
+    val_captions, val_tokens = load_encoded(data_dir, "val")
+    if tokens.shape[1] != cfg.prior.image_len or int(tokens.max()) >= cfg.prior.image_vocab_size:
+        raise ValueError(f"{data_dir}: token grids have {tokens.shape[1]} tokens with max id {int(tokens.max())}, "
+                         f"but prior.image_grid={cfg.prior.image_grid} and prior.image_vocab_size="
+                         f"{cfg.prior.image_vocab_size}; encode with the matching dVAE")
+    tok = get_tokenizer(cfg, out_dir, captions, tokenizer_path)
+    engine = build_engine(Prior(cfg.prior), ds_cfg, lr=tcfg.lr, betas=tcfg.betas, eps=tcfg.eps,
+                          weight_decay=tcfg.weight_decay, lr_lambda=lambda step: lr_factor(step, tcfg))
+
+    def loss_fn(eng, idx, step):
+        text = tok.encode_batch([captions[i] for i in idx], train=True).to(device())  # BPE dropout here only
+        image = tokens[idx].to(device())
+        loss, stats = eng(text, image)
+        return loss, stats, text.numel() + image.numel()
+
+    def eval_fn(module):
+        return validation_loss(module, tok, val_captions, val_tokens)
+
+    loop = LoopConfig(steps=tcfg.steps, log_every=tcfg.log_every, save_every=tcfg.save_every,
+                      eval_every=tcfg.eval_every, seed=tcfg.seed, desc="prior", progress=progress)
+    result = fit(engine, loss_fn=loss_fn, num_items=len(captions), ds_cfg=ds_cfg, out_dir=out_dir, loop=loop,
+                 eval_fn=eval_fn, resume=resume)
+    state = ckpt.gathered_state_dict(engine.module)
+    if is_main():
+        ckpt.save_model_file(out_dir / "prior.pt", {"kind": "prior", "config": cfg.to_dict(), "state_dict": state,
+                                                    "tokenizer": tok.to_json(), "step": result.step})
+    return {"step": result.step, "seconds": result.seconds, "history": result.history,
+            "val_loss_text": result.last_eval.get("loss_text"), "val_loss_image": result.last_eval.get("loss_image"),
+            "path": str(out_dir / "prior.pt")}
+
+
+def load_prior(path: str | Path, cfg: ExperimentConfig | None = None,
+               backend: str | None = None) -> tuple[Prior, CaptionTokenizer, ExperimentConfig]:
+    """Rebuild prior and tokenizer from the exported file alone (no DeepSpeed)."""
+    payload = ckpt.load_model_file(path)
+    saved = from_dict(payload["config"])
+    if cfg is not None:
+        check_compatible(saved, cfg, "prior")
+    if backend is not None:
+        saved.prior.attention_backend = backend  # weights do not depend on the backend
+    model = Prior(saved.prior)
+    model.load_state_dict(payload["state_dict"])
+    return model.eval(), CaptionTokenizer.from_json(payload["tokenizer"], saved.tokenizer), saved
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p, ds_default="cpu_zero0_fp32.json")
+    p.add_argument("--data", required=True, help="encoded dataset folder from `dalle-ds encode`")
+    p.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, tokenizer.json, prior.pt")
+    p.add_argument("--tokenizer", default=None, help="use this tokenizer.json instead of training one")
+    p.add_argument("--no-resume", action="store_true", help="start over even if out/checkpoints exists")
+    args = p.parse_args(argv)
+    s = train_prior(config_from_args(args), ds_config=args.ds_config, data_dir=args.data, out_dir=args.out,
+                    tokenizer_path=args.tokenizer, resume=not args.no_resume)
+    if is_main():
+        print(f"prior: {s['step']} steps, val loss text {s['val_loss_text']:.4f} image {s['val_loss_image']:.4f}"
+              f" -> {s['path']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""DeepSpeed checkpoints that resume exactly, and consolidated model files that load without DeepSpeed."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dalle_ds.training.distributed import barrier, is_main
+
+LATEST = "latest"
+
+
+def capture_rng() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # readers see the old or the new file, never half of one
+
+
+def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict) -> str:
+    """Save every rank's shard, then (only after all ranks finished) point `latest` at it."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = f"step{step:08d}"
+    state = dict(client_state, step=step, rng=capture_rng())
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
+    barrier()
+    if is_main():
+        _atomic_write_text(ckpt_dir / LATEST, tag)
+    barrier()
+    return tag
+
+
+def latest_tag(ckpt_dir: str | Path) -> str | None:
+    path = Path(ckpt_dir) / LATEST
+    return path.read_text().strip() if path.exists() else None
+
+
+def load_checkpoint(engine, ckpt_dir: str | Path) -> dict | None:
+    """Restore engine (model, optimizer, scheduler) and RNG; returns the client state or None."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if client_state is None:
+        raise RuntimeError(f"checkpoint {ckpt_dir}/{tag} could not be loaded")
+    restore_rng(client_state["rng"])
+    return client_state
+
+
+def gathered_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """Full fp32 state dict on rank 0 (gathering ZeRO-3 shards); None on other ranks."""
+    import deepspeed  # noqa: PLC0415
+
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        if not is_main():
+            return None
+        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def save_model_file(path: str | Path, payload: dict) -> None:
+    """Write a consolidated model file atomically (rank 0 only)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_model_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model file {path} does not exist (train first, or point to a *.pt export)")
+    return torch.load(path, map_location="cpu", weights_only=False)
