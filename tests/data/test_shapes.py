@@ -1,0 +1,148 @@
+"""The procedural "shapes" dataset: determinism, captions, held-out pairs, geometry."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from dalle_ds.data.shapes import (COLOURS, FAR_POSITION_PAIRS, HELDOUT_PAIRS, PALETTE, POSITIONS, SHAPES,
+                                  SIZES, TRAIN_PAIRS, ShapesDataset, ShapeSpec, caption_of, heldout_captions,
+                                  parse_caption, render_caption, render_scene, scene_from_caption)
+
+
+def _pairs(scene):
+    return {(s.colour, s.shape) for s in scene}
+
+
+def test_heldout_design():
+    assert len(HELDOUT_PAIRS) == len(set(HELDOUT_PAIRS)) == len(COLOURS)
+    assert sorted(c for c, _ in HELDOUT_PAIRS) == sorted(COLOURS)  # one held-out shape per colour
+    for shape in SHAPES:
+        assert sum(s == shape for _, s in HELDOUT_PAIRS) == 2      # every shape held out with 2 colours
+    for colour in COLOURS:
+        assert sum(c == colour for c, _ in TRAIN_PAIRS) == len(SHAPES) - 1
+    for shape in SHAPES:
+        assert sum(s == shape for _, s in TRAIN_PAIRS) == len(COLOURS) - 2
+
+
+def test_deterministic_any_order_and_instance():
+    a = ShapesDataset(split="train", size=40, image_size=32, seed=3)
+    b = ShapesDataset(split="train", size=40, image_size=32, seed=3)
+    forward = [a[i] for i in range(40)]
+    backward = [b[i] for i in reversed(range(40))][::-1]
+    for x, y, z in zip(forward, backward, (a[i] for i in range(40))):
+        assert x["caption"] == y["caption"] == z["caption"]
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["image"], z["image"])
+    assert a[-1]["caption"] == a[39]["caption"]
+    other_seed = ShapesDataset(split="train", size=40, image_size=32, seed=4)
+    assert [other_seed.caption(i) for i in range(40)] != [a.caption(i) for i in range(40)]
+    val = ShapesDataset(split="val", size=40, image_size=32, seed=3)
+    assert [val.caption(i) for i in range(40)] != [a.caption(i) for i in range(40)]
+    # a prefix of a longer dataset is the shorter dataset
+    longer = ShapesDataset(split="train", size=100, image_size=32, seed=3)
+    assert [longer.caption(i) for i in range(40)] == [a.caption(i) for i in range(40)]
+
+
+def test_item_format_and_sizes():
+    for size in (16, 32, 64):
+        ds = ShapesDataset(split="train", size=4, image_size=size)
+        item = ds[0]
+        assert set(item) == {"image", "caption"}
+        assert item["image"].shape == (3, size, size) and item["image"].dtype == torch.uint8
+        assert isinstance(item["caption"], str)
+        assert item["image"][:, 0, 0].tolist() == [0, 0, 0]  # black background in the corner
+        spec = ds.scene(0)[0]
+        cx, cy = spec.centre
+        assert tuple(item["image"][:, int(cy * size), int(cx * size)].tolist()) == PALETTE[spec.colour]
+    batch = torch.utils.data.default_collate([ds[0], ds[1]])
+    assert batch["image"].shape == (2, 3, 64, 64) and len(batch["caption"]) == 2
+    assert len(ds) == 4
+    with pytest.raises(IndexError):
+        ds.scene(4)
+    with pytest.raises(ValueError):
+        ShapesDataset(split="test", size=4, image_size=32)
+
+
+def test_captions_parse_back_to_the_scene():
+    ds = ShapesDataset(split="train", size=200, image_size=32, two_shape_prob=0.5)
+    n_two = 0
+    for i in range(200):
+        scene = ds.scene(i)
+        caption = ds.caption(i)
+        assert parse_caption(caption) == scene == scene_from_caption(caption)
+        assert caption_of(parse_caption(caption)) == caption
+        n_two += len(scene) == 2
+    assert 60 < n_two < 140
+    item = ds[5]
+    assert np.array_equal(render_caption(item["caption"], 32), item["image"].permute(1, 2, 0).numpy())
+    assert parse_caption("A Large  RED circle at the Center.") == [
+        ShapeSpec(colour="red", shape="circle", size="large", position="centre")]
+    assert caption_of(parse_caption("a small red triangle at the top left and a large blue circle at the bottom right")) \
+        == "a small red triangle at the top left and a large blue circle at the bottom right"
+    for bad in ("a red circle", "a small pink circle at the top", "a small red circle at the moon", ""):
+        with pytest.raises(ValueError):
+            parse_caption(bad)
+
+
+def test_heldout_pairs_never_in_train_or_val():
+    for split in ("train", "val"):
+        ds = ShapesDataset(split=split, size=3000 if split == "train" else 500, image_size=32, two_shape_prob=0.3)
+        seen, positions, sizes = set(), set(), set()
+        for i in range(len(ds)):
+            scene = ds.scene(i)
+            pairs = _pairs(scene)
+            assert not pairs & set(HELDOUT_PAIRS), (split, i, ds.caption(i))
+            if len(scene) == 2:
+                assert scene[0].colour != scene[1].colour  # colours identify shapes for the checker
+            seen |= pairs
+            positions |= {s.position for s in scene}
+            sizes |= {s.size for s in scene}
+        assert seen == set(TRAIN_PAIRS)  # every colour and every shape still appears
+        assert {c for c, _ in seen} == set(COLOURS) and {s for _, s in seen} == set(SHAPES)
+        assert positions == set(POSITIONS) and sizes == set(SIZES)
+
+
+def test_heldout_split_covers_every_heldout_pair():
+    ds = ShapesDataset(split="heldout", size=108, image_size=32, seed=1)
+    scenes = [ds.scene(i) for i in range(108)]
+    assert all(len(s) == 1 for s in scenes)
+    assert {(s[0].colour, s[0].shape) for s in scenes[:6]} == set(HELDOUT_PAIRS)  # any n >= 6 covers all
+    assert len({s[0] for s in scenes}) == 108  # every pair x size x position exactly once
+    assert heldout_captions(108, seed=1) == [ds.caption(i) for i in range(108)]
+    assert heldout_captions(12, seed=1) == heldout_captions(108, seed=1)[:12]
+    assert heldout_captions(12, seed=2) != heldout_captions(12, seed=1)
+
+
+def test_two_shapes_never_overlap():
+    """Every allowed position pair, sizes and shapes: no shared pixel, and a gap of at least 1 px at 32 px
+    (two large shapes are 2/32 of the side apart; at 16 px their anti-aliased edges may touch)."""
+    for size in (16, 32):
+        for (pa, pb), (sa, sb), (ha, hb) in itertools.product(FAR_POSITION_PAIRS, itertools.product(SIZES, SIZES),
+                                                               [("square", "square"), ("circle", "triangle")]):
+            a = render_scene([ShapeSpec(colour="red", shape=ha, size=sa, position=pa)], size).any(axis=2)
+            b = render_scene([ShapeSpec(colour="blue", shape=hb, size=sb, position=pb)], size).any(axis=2)
+            assert not (a & b).any(), (size, pa, pb, sa, sb)
+            if size < 32:
+                continue
+            grown = a.copy()
+            grown[1:] |= a[:-1]
+            grown[:-1] |= a[1:]
+            grown[:, 1:] |= grown[:, :-1].copy()
+            grown[:, :-1] |= grown[:, 1:].copy()
+            assert not (grown & b).any(), (size, pa, pb, sa, sb)
+
+
+def test_shapes_stay_inside_the_image():
+    for spec in (ShapeSpec(colour="green", shape="square", size="large", position=p) for p in POSITIONS):
+        img = render_scene([spec], 32)
+        border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+        assert not border.any()
+
+
+def test_two_shape_prob_extremes():
+    one = ShapesDataset(split="train", size=100, image_size=32, two_shape_prob=0.0)
+    two = ShapesDataset(split="val", size=100, image_size=32, two_shape_prob=1.0)
+    assert all(len(one.scene(i)) == 1 for i in range(100))
+    assert all(len(two.scene(i)) == 2 for i in range(100))
