@@ -32,7 +32,7 @@ def generate(prior, tok, dvae, captions: list[str], scfg: SampleConfig) -> np.nd
         text = tok.encode_batch(wanted[s:s + scfg.batch_size], train=False)  # never BPE dropout here
         grid = sample_image_tokens(prior, text, temperature=scfg.temperature, top_k=scfg.top_k,
                                    top_p=scfg.top_p, generator=gen)
-        g = prior.cfg.image_grid if hasattr(prior, "cfg") else int(grid.shape[1] ** 0.5)
+        g = prior.cfg.image_grid
         images = dvae.decode(grid.view(-1, g, g))  # (B, 3, H, W) in [0, 1]
         out.append((images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
     return np.concatenate(out)

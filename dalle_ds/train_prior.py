@@ -68,7 +68,8 @@ def validation_loss(model: torch.nn.Module, tok: CaptionTokenizer, captions: lis
 
 
 def train_prior(cfg: ExperimentConfig, *, ds_config, data_dir: str | Path, out_dir: str | Path,
-                tokenizer_path: str | Path | None = None, resume: bool = True, progress: bool = True) -> dict:
+                tokenizer_path: str | Path | None = None, resume: bool = True, progress: bool = True,
+                stop_at: int | None = None) -> dict:
     """Train, then export `out_dir/prior.pt` (config + weights + tokenizer). Returns a summary."""
     init_distributed()
     out_dir = Path(out_dir)
@@ -95,7 +96,7 @@ def train_prior(cfg: ExperimentConfig, *, ds_config, data_dir: str | Path, out_d
         return validation_loss(module, tok, val_captions, val_tokens)
 
     loop = LoopConfig(steps=tcfg.steps, log_every=tcfg.log_every, save_every=tcfg.save_every,
-                      eval_every=tcfg.eval_every, seed=tcfg.seed, desc="prior", progress=progress)
+                      eval_every=tcfg.eval_every, seed=tcfg.seed, desc="prior", progress=progress, stop_at=stop_at)
     result = fit(engine, loss_fn=loss_fn, num_items=len(captions), ds_cfg=ds_cfg, out_dir=out_dir, loop=loop,
                  eval_fn=eval_fn, resume=resume)
     state = ckpt.gathered_state_dict(engine.module)
@@ -128,9 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, tokenizer.json, prior.pt")
     p.add_argument("--tokenizer", default=None, help="use this tokenizer.json instead of training one")
     p.add_argument("--no-resume", action="store_true", help="start over even if out/checkpoints exists")
+    p.add_argument("--stop-at", type=int, default=None, help="save and exit after this step (resume later)")
     args = p.parse_args(argv)
     s = train_prior(config_from_args(args), ds_config=args.ds_config, data_dir=args.data, out_dir=args.out,
-                    tokenizer_path=args.tokenizer, resume=not args.no_resume)
+                    tokenizer_path=args.tokenizer, resume=not args.no_resume, stop_at=args.stop_at)
     if is_main():
         print(f"prior: {s['step']} steps, val loss text {s['val_loss_text']:.4f} image {s['val_loss_image']:.4f}"
               f" -> {s['path']}")

@@ -247,10 +247,14 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     Splits: "train" (training pairs, one or two shapes), "val" (the same distribution, other seeds)
     and "heldout" (one shape, held-out pairs only, cycled as in `heldout_captions`).
+
+    `noise` adds uniform integer noise in [-noise, noise] to every subpixel (fixed per item). A perfectly
+    constant background makes the dVAE's logit-Laplace likelihood unbounded (the decoder drives b -> 0
+    there and learns nothing else); photographs never have that, and 10 levels of noise restore it.
     """
 
     def __init__(self, *, split: str, size: int, image_size: int, seed: int = 0,
-                 two_shape_prob: float = 0.3) -> None:
+                 two_shape_prob: float = 0.3, noise: int = 10) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         if size < 0:
@@ -259,6 +263,9 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise ValueError(f"two_shape_prob must be in [0, 1], got {two_shape_prob}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
+        if not 0 <= noise <= 64:
+            raise ValueError(f"noise must be in [0, 64] levels, got {noise}")
+        self.noise = noise
         self.split, self.size, self.image_size = split, size, image_size
         self.seed, self.two_shape_prob = seed, two_shape_prob
         self._orders = _heldout_orders(seed) if split == "heldout" else None
@@ -286,5 +293,10 @@ class ShapesDataset(torch.utils.data.Dataset):
         if i < 0:
             i += self.size
         scene = self.scene(i)
-        image = torch.from_numpy(render_scene(scene, self.image_size)).permute(2, 0, 1).contiguous()
+        pixels = render_scene(scene, self.image_size)                        # (H, W, 3) uint8
+        if self.noise:
+            rng = np.random.default_rng([self.seed, SPLITS[self.split], i, 1])
+            jitter = rng.integers(-self.noise, self.noise + 1, size=pixels.shape)
+            pixels = np.clip(pixels.astype(np.int16) + jitter, 0, 255).astype(np.uint8)
+        image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()       # (3, H, W)
         return {"image": image, "caption": caption_of(scene)}

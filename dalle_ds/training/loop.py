@@ -28,6 +28,7 @@ class LoopConfig:
     seed: int = 0
     desc: str = "train"
     progress: bool = True
+    stop_at: int | None = None  # end this process after that step (time-limited jobs); a rerun resumes
 
 
 @dataclass
@@ -70,7 +71,8 @@ def fit(engine, *, loss_fn: LossFn, num_items: int, ds_cfg: dict, out_dir: str |
     t0 = time.perf_counter()
     window_t, window_tokens = time.perf_counter(), 0
     engine.train()
-    for step in range(start, loop.steps):
+    end = loop.steps if loop.stop_at is None else min(loop.steps, loop.stop_at)
+    for step in range(start, end):
         sums: dict[str, float] = {}
         for a in range(accum):
             idx = order.micro_batch(step, global_batch=gb, micro=micro, accum_index=a, rank=r, world=world)
@@ -98,7 +100,7 @@ def fit(engine, *, loss_fn: LossFn, num_items: int, ds_cfg: dict, out_dir: str |
             result.last_eval = eval_fn(engine.module)
             logger.log(done, {f"val/{k}": v for k, v in result.last_eval.items()})
             engine.train()
-        if done % loop.save_every == 0 or done == loop.steps:
+        if done % loop.save_every == 0 or done == end:
             save(done)
         result.step = done
     if eval_fn is not None:

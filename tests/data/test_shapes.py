@@ -47,7 +47,7 @@ def test_deterministic_any_order_and_instance():
 
 def test_item_format_and_sizes():
     for size in (16, 32, 64):
-        ds = ShapesDataset(split="train", size=4, image_size=size)
+        ds = ShapesDataset(split="train", size=4, image_size=size, noise=0)
         item = ds[0]
         assert set(item) == {"image", "caption"}
         assert item["image"].shape == (3, size, size) and item["image"].dtype == torch.uint8
@@ -66,7 +66,7 @@ def test_item_format_and_sizes():
 
 
 def test_captions_parse_back_to_the_scene():
-    ds = ShapesDataset(split="train", size=200, image_size=32, two_shape_prob=0.5)
+    ds = ShapesDataset(split="train", size=200, image_size=32, two_shape_prob=0.5, noise=0)
     n_two = 0
     for i in range(200):
         scene = ds.scene(i)
@@ -146,3 +146,16 @@ def test_two_shape_prob_extremes():
     two = ShapesDataset(split="val", size=100, image_size=32, two_shape_prob=1.0)
     assert all(len(one.scene(i)) == 1 for i in range(100))
     assert all(len(two.scene(i)) == 2 for i in range(100))
+
+
+def test_pixel_noise_is_bounded_and_fixed_per_item():
+    """The default noise moves each subpixel by at most 10 levels around the clean render, the same way
+    every time the item is read, and differently for different items."""
+    noisy = ShapesDataset(split="train", size=8, image_size=32)
+    clean = ShapesDataset(split="train", size=8, image_size=32, noise=0)
+    for i in range(8):
+        diff = noisy[i]["image"].int() - clean[i]["image"].int()
+        assert diff.abs().max() <= 10 and diff.abs().max() > 0
+        assert torch.equal(noisy[i]["image"], noisy[i]["image"])
+    assert not torch.equal(noisy[0]["image"].int() - clean[0]["image"].int(),
+                           noisy[1]["image"].int() - clean[1]["image"].int())

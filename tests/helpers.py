@@ -1,0 +1,36 @@
+"""Helpers for tests: small data the tests build themselves (no downloads)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_encoded_dataset(path: Path, cfg, *, n_train: int = 64, n_val: int = 16, seed: int = 0) -> Path:
+    """Shapes captions with random token grids, saved the way `dalle-ds encode` saves them."""
+    import datasets
+
+    from dalle_ds.data.shapes import ShapesDataset
+
+    rng = np.random.default_rng(seed)
+    parts = {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        src = ShapesDataset(split=split, size=n, image_size=cfg.data.image_size, seed=seed)
+        caps = [src[i]["caption"] for i in range(n)]
+        toks = rng.integers(0, cfg.prior.image_vocab_size, size=(n, cfg.prior.image_len)).astype(np.uint16)
+        parts[split] = datasets.Dataset.from_dict({"caption": caps, "tokens": toks})
+    datasets.DatasetDict(parts).save_to_disk(str(path))
+    return path
+
+
+def write_ds_config(path: Path, *, micro: int, stage: int, accum: int = 1) -> Path:
+    cfg = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
+           "gradient_clipping": 4.0, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
+    if stage == 3:
+        cfg["zero_optimization"].update(stage3_param_persistence_threshold=0, overlap_comm=False,
+                                        contiguous_gradients=False)
+    path.write_text(json.dumps(cfg))
+    return path
