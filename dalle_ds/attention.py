@@ -88,3 +88,5 @@ def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_rows: 
         raise ValueError(f"mask_rows must be (Lq, Lk) = ({q.shape[-2]}, {k.shape[-2]}), "
                          f"got {tuple(mask_rows.shape)}")
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_rows)
+
+from dalle_ds import attention_sparse  # noqa: E402,F401  registers "sparse" (and "triton" where Triton can run)

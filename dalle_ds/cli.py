@@ -13,6 +13,7 @@ COMMANDS = {
     "sample": ("dalle_ds.sample", "captions -> PNG grid of generated images"),
     "demo": ("dalle_ds.demo", "the whole pipeline on the built-in shapes data"),
     "masks": ("dalle_ds.masks_cli", "write an attention mask as .npy and/or draw it as .png"),
+    "bench": ("dalle_ds.bench", "benchmarks: `bench attention --json FILE` times attention per layout and backend"),
 }
 
 

@@ -1,7 +1,8 @@
 """Benchmark: training throughput (tokens/s) of the `small` prior on CPU through a real DeepSpeed engine.
 
 Run with `pytest -m bench tests/training/test_bench_train_throughput.py -s`. Prints a table and writes
-bench_results/train_throughput.json. Tokens per step = micro-batch x (text_len + 32*32).
+bench_results/train_throughput.json. Tokens per step = micro-batch x (text_len + 32*32). One row per
+attention backend (`dense`: SDPA with the boolean mask; `sparse`: the PyTorch block-gather path).
 """
 import json
 import platform
@@ -21,7 +22,7 @@ MICRO, WARMUP, STEPS = 2, 2, 5
 
 
 @pytest.mark.bench
-@pytest.mark.parametrize("backend", ["dense"])
+@pytest.mark.parametrize("backend", ["dense", "sparse"])
 def test_bench_small_prior_training_throughput(backend):
     init_distributed()
     cfg = get_preset("small").prior
