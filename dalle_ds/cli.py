@@ -10,9 +10,14 @@ COMMANDS = {
     "train-dvae": ("dalle_ds.train_dvae", "stage 1: train the discrete VAE"),
     "encode": ("dalle_ds.encode", "images -> dVAE token grids (a `datasets` dataset)"),
     "train-prior": ("dalle_ds.train_prior", "stage 2: train the transformer prior"),
-    "sample": ("dalle_ds.sample", "captions -> PNG grid of generated images"),
+    "sample": ("dalle_ds.sample", "captions -> PNG grid of generated images (--candidates/--keep rerank, "
+                                  "--prime-image image-to-image)"),
+    "train-clip": ("dalle_ds.train_clip", "train the small contrastive image-text model used for reranking"),
+    "eval": ("dalle_ds.evaluate", "FID at blur radii 0-8, contrastive score, shapes composition accuracy"),
     "demo": ("dalle_ds.demo", "the whole pipeline on the built-in shapes data"),
     "masks": ("dalle_ds.masks_cli", "write an attention mask as .npy and/or draw it as .png"),
+    "export": ("dalle_ds.export", "consolidated model folder (model.safetensors + config.json + tokenizer.json) from a train-prior run"),
+    "plan": ("dalle_ds.plan", "parameter count, per-GPU memory and inter-node traffic of a preset on a hostfile"),
     "bench": ("dalle_ds.bench", "benchmarks: `bench attention --json FILE` times attention per layout and backend"),
 }
 

@@ -29,6 +29,23 @@ class DataConfig:
     num_val: int = 512               # shapes: validation pairs (training compositions, other seeds)
     two_shape_prob: float = 0.3      # shapes: fraction of images with two shapes
     seed: int = 0
+    # --- external sources (dataset = folder | hf_disk | parquet | imagefolder | webdataset); see data/sources.py
+    path: str = ""                   # folder, save_to_disk folder, parquet file/glob, or tar shard glob
+    image_column: str = ""           # "" = auto: image | jpg | jpeg | png | webp
+    caption_column: str = ""         # "" = auto: caption | text | txt | alt
+    val_fraction: float = 0.01       # held out by a hash of the record key when there is no val split
+    streaming: bool = False          # iterate without loading the index into memory (datasets streaming)
+    max_image_pixels: int = 89_478_485  # larger images are refused as decompression bombs
+    # --- the paper's filters (PAPER §7.5); each can be switched off
+    min_caption_words: int = 3       # 0 = off
+    filter_english: bool = True      # cheap heuristic, see data/filters.py
+    filter_boilerplate: bool = True  # "photographed on <date>", "IMG_1234.JPG", ...
+    filter_aspect: bool = True
+    min_aspect: float = 0.5          # width / height must lie in [min_aspect, max_aspect]
+    max_aspect: float = 2.0
+
+
+DATASETS = ("shapes", "folder", "hf_disk", "parquet", "imagefolder", "webdataset")
 
 
 @dataclass(kw_only=True)
@@ -119,6 +136,21 @@ class PriorTrainConfig:
     save_every: int = 5000
     eval_every: int = 1000
     seed: int = 0
+    # --- per-resblock gradient scaling (PAPER §4.2; training/grad_scaling.py)
+    grad_scaling: str = "off"        # off | pow2 (exact power-of-two steps; bf16/fp32/tests) | paper (fp16)
+    grad_scaling_policy: str = "skip"  # on a non-finite block: skip the update (paper) | zero_block
+    grad_scale_init_log2: float = 13.0   # scales start at M * 2^init (M = data-parallel ranks)
+    grad_scale_min_log2: float = 7.0     # and stay within [M * 2^min, M * 2^max]
+    grad_scale_max_log2: float = 24.0
+    grad_scale_growth_interval: int = 1000  # pow2: double after this many clean steps
+    # --- memory and averaging
+    activation_checkpoint_every: int = 0  # recompute every Nth layer's resblocks in backward (0 = off)
+    ema_decay: float = 0.0           # iterate averaging of the weights (0 = off; paper 0.99)
+    ema_every: int = 1               # update the average every N optimizer steps (paper: 25)
+
+
+GRAD_SCALING_MODES = ("off", "pow2", "paper")
+GRAD_SCALING_POLICIES = ("skip", "zero_block")
 
 
 @dataclass(kw_only=True)
@@ -132,6 +164,21 @@ class SampleConfig:
 
 
 @dataclass(kw_only=True)
+class ClipConfig:
+    """The small contrastive image-text model dalle_ds trains itself for reranking (PAPER §6)."""
+    embed_dim: int = 128             # joint embedding width
+    width: int = 64                  # conv channels of the image tower; text tower width
+    text_layers: int = 2             # transformer layers of the text tower
+    heads: int = 4
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    log_every: int = 100
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
 class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -140,6 +187,7 @@ class ExperimentConfig:
     prior: PriorConfig = field(default_factory=PriorConfig)
     prior_train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
 
     def validate(self) -> "ExperimentConfig":
         validate(self)
@@ -165,6 +213,16 @@ def validate(cfg: ExperimentConfig) -> None:
              f"{d.image_size} is not divisible by the dVAE's downsampling factor {d.downsample} "
              f"(2 ** (dvae.n_groups - 1)); pick an image size that is a multiple of {d.downsample}")
     _require(d.n_hid % 4 == 0, "dvae.n_hid", f"must be a multiple of 4 (bottleneck width n/4), got {d.n_hid}")
+    dc = cfg.data
+    _require(dc.dataset in DATASETS, "data.dataset",
+             f"unknown dataset {dc.dataset!r}; choose one of {', '.join(DATASETS)}")
+    _require(dc.dataset == "shapes" or bool(dc.path), "data.path",
+             f"data.dataset={dc.dataset!r} reads from data.path, which is empty; set data.path=/your/data")
+    _require(0.0 <= dc.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {dc.val_fraction}")
+    _require(dc.min_caption_words >= 0, "data.min_caption_words", f"must be >= 0 (0 = off), got {dc.min_caption_words}")
+    _require(0.0 < dc.min_aspect <= 1.0 <= dc.max_aspect, "data.min_aspect",
+             f"need 0 < data.min_aspect <= 1 <= data.max_aspect, got {dc.min_aspect} and {dc.max_aspect}")
+    _require(dc.max_image_pixels > 0, "data.max_image_pixels", f"must be > 0, got {dc.max_image_pixels}")
     _require(cfg.data.image_size == d.image_size, "data.image_size",
              f"{cfg.data.image_size} differs from dvae.image_size {d.image_size}; set both to the same value")
     _require(p.n_heads > 0 and p.d_model % p.n_heads == 0, "prior.n_heads",
@@ -186,6 +244,25 @@ def validate(cfg: ExperimentConfig) -> None:
              f"{p.text_vocab_size} differs from tokenizer.vocab_size {t.vocab_size}; make them equal")
     _require(0.0 <= t.bpe_dropout < 1.0, "tokenizer.bpe_dropout", f"must be in [0, 1), got {t.bpe_dropout}")
     _require(t.vocab_size >= 64, "tokenizer.vocab_size", f"must be >= 64, got {t.vocab_size}")
+    pt = cfg.prior_train
+    _require(pt.grad_scaling in GRAD_SCALING_MODES, "prior_train.grad_scaling",
+             f"unknown mode {pt.grad_scaling!r}; choose one of {', '.join(GRAD_SCALING_MODES)}")
+    _require(pt.grad_scaling_policy in GRAD_SCALING_POLICIES, "prior_train.grad_scaling_policy",
+             f"unknown policy {pt.grad_scaling_policy!r}; choose one of {', '.join(GRAD_SCALING_POLICIES)}")
+    _require(pt.grad_scale_min_log2 <= pt.grad_scale_init_log2 <= pt.grad_scale_max_log2,
+             "prior_train.grad_scale_init_log2",
+             f"{pt.grad_scale_init_log2} must lie in [prior_train.grad_scale_min_log2, prior_train.grad_scale_max_log2]"
+             f" = [{pt.grad_scale_min_log2}, {pt.grad_scale_max_log2}]")
+    _require(pt.grad_scale_growth_interval >= 1, "prior_train.grad_scale_growth_interval",
+             f"must be >= 1, got {pt.grad_scale_growth_interval}")
+    _require(pt.activation_checkpoint_every >= 0, "prior_train.activation_checkpoint_every",
+             f"must be >= 0 (0 = off), got {pt.activation_checkpoint_every}")
+    _require(0.0 <= pt.ema_decay < 1.0, "prior_train.ema_decay", f"must be in [0, 1) (0 = off), got {pt.ema_decay}")
+    _require(pt.ema_every >= 1, "prior_train.ema_every", f"must be >= 1, got {pt.ema_every}")
+    c = cfg.clip
+    _require(c.width % c.heads == 0, "clip.heads", f"{c.heads} heads do not divide clip.width {c.width}")
+    _require(c.steps >= 1 and c.batch_size >= 2, "clip.batch_size",
+             f"need clip.steps >= 1 and clip.batch_size >= 2 (a contrastive batch), got {c.steps}, {c.batch_size}")
     s = cfg.sample
     _require(s.temperature > 0, "sample.temperature", f"must be > 0, got {s.temperature}")
     _require(0.0 < s.top_p <= 1.0, "sample.top_p", f"must be in (0, 1], got {s.top_p}")
@@ -225,19 +302,23 @@ def preset_small() -> ExperimentConfig:
 
 
 def preset_shapes() -> ExperimentConfig:
-    """The built-in demo: 32 px shapes, 8x8 token grid, trains end to end in minutes on 2 cores."""
+    """The built-in demo: 32 px shapes, 8x8 token grid, trains end to end in minutes on 2 CPU cores.
+
+    Schedules are the paper's shapes compressed to a few thousand steps; the temperature anneals over
+    most of the run because annealing early freezes colour-ambiguous codes (measured on shapes).
+    """
     return ExperimentConfig(
         data=DataConfig(image_size=32, num_train=20000, num_val=512, two_shape_prob=0.3),
         tokenizer=TokenizerConfig(vocab_size=256, text_len=32),
         dvae=DVAEConfig(image_size=32, n_hid=32, n_groups=3, n_blk_per_group=1, n_init=32, vocab_size=128),
-        dvae_train=DVAETrainConfig(steps=1200, lr=2e-3, lr_end=1e-4, lr_decay_steps=1200, kl_weight=1.0,
-                                   kl_warmup_steps=300, temp_anneal_steps=1000, ema_decay=0.99,
-                                   log_every=50, save_every=1000),
+        dvae_train=DVAETrainConfig(steps=2400, lr=2e-3, lr_end=1e-4, lr_decay_steps=2400, kl_weight=1.0,
+                                   kl_warmup_steps=300, temp_anneal_steps=2000, ema_decay=0.99,
+                                   log_every=50, save_every=800),
         prior=PriorConfig(text_len=32, text_vocab_size=256, image_grid=8, image_vocab_size=128,
-                          d_model=192, n_layers=6, n_heads=6, conv_kernel=5),
-        prior_train=PriorTrainConfig(steps=2000, lr=1e-3, warmup_steps=100, weight_decay=1e-2,
-                                     log_every=50, save_every=1000, eval_every=500),
-        sample=SampleConfig(temperature=1.0, top_k=0, top_p=0.9, batch_size=32),
+                          d_model=128, n_layers=4, n_heads=4, conv_kernel=5),
+        prior_train=PriorTrainConfig(steps=1500, lr=1e-3, warmup_steps=100, weight_decay=1e-2,
+                                     log_every=50, save_every=500, eval_every=500),
+        sample=SampleConfig(temperature=1.0, top_k=0, top_p=0.9, batch_size=64),
     )
 
 
@@ -253,6 +334,7 @@ def preset_tiny() -> ExperimentConfig:
                           d_model=32, n_layers=4, n_heads=2, conv_kernel=3),
         prior_train=PriorTrainConfig(steps=20, lr=1e-3, warmup_steps=2, log_every=5, save_every=10,
                                      eval_every=10),
+        clip=ClipConfig(embed_dim=16, width=16, text_layers=1, heads=2, steps=10, batch_size=16, log_every=5),
     )
 
 

@@ -23,15 +23,20 @@ from dalle_ds.sampling.grid import save_grid
 
 
 @torch.no_grad()
-def generate(prior, tok, dvae, captions: list[str], scfg: SampleConfig) -> np.ndarray:
-    """uint8 (len(captions) * num_per_caption, H, W, 3); each caption's samples are adjacent."""
+def generate(prior, tok, dvae, captions: list[str], scfg: SampleConfig,
+             prime: torch.Tensor | None = None) -> np.ndarray:
+    """uint8 (len(captions) * num_per_caption, H, W, 3); each caption's samples are adjacent.
+
+    prime: optional (m,) image tokens (raster order) every sample starts from (image-to-image).
+    """
     gen = torch.Generator().manual_seed(scfg.seed)
     wanted = [c for c in captions for _ in range(scfg.num_per_caption)]
     out = []
     for s in range(0, len(wanted), scfg.batch_size):
         text = tok.encode_batch(wanted[s:s + scfg.batch_size], train=False)  # never BPE dropout here
+        p = None if prime is None else prime.view(1, -1).expand(text.shape[0], -1)
         grid = sample_image_tokens(prior, text, temperature=scfg.temperature, top_k=scfg.top_k,
-                                   top_p=scfg.top_p, generator=gen)
+                                   top_p=scfg.top_p, generator=gen, prime=p)
         g = prior.cfg.image_grid
         images = dvae.decode(grid.view(-1, g, g))  # (B, 3, H, W) in [0, 1]
         out.append((images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
@@ -65,6 +70,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
     p.add_argument("--backend", default=None, help="attention backend for sampling (dense | sparse | triton)")
     p.add_argument("--out", default="samples.png", help="PNG grid to write")
+    p.add_argument("--prime-image", default=None, help="image-to-image: prime with the top rows of this image")
+    p.add_argument("--prime-rows", type=int, default=None,
+                   help="token-grid rows of --prime-image kept (default: 15/32 of the grid, as in the paper)")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="rerank: generate this many per caption and keep the best --keep (needs --clip)")
+    p.add_argument("--keep", type=int, default=1, help="rerank: samples kept per caption")
+    p.add_argument("--clip", default=None, help="reranker: clip.pt from `dalle-ds train-clip`")
+    p.add_argument("--open-clip", dest="open_clip", default=None, metavar="ARCH:CHECKPOINT",
+                   help="reranker: an open_clip model from a local checkpoint, e.g. ViT-B-32:/models/clip.pt")
     args = p.parse_args(argv)
     captions = list(args.caption)
     if args.captions_file:
@@ -74,10 +88,36 @@ def main(argv: list[str] | None = None) -> None:
     prior, tok, cfg = load_prior(args.prior, backend=args.backend)
     dvae, _ = load_dvae(args.dvae, cfg)
     scfg = sample_config(cfg, args)
-    images = generate(prior, tok, dvae, captions, scfg)
+    prime = None
+    if args.prime_image:
+        from dalle_ds.sampling.prime import load_image, prime_tokens  # noqa: PLC0415
+
+        g = cfg.prior.image_grid
+        rows = args.prime_rows if args.prime_rows is not None else max(1, round(g * 15 / 32))
+        prime = prime_tokens(dvae, load_image(args.prime_image, cfg.dvae.image_size), rows)
+    elif args.prime_rows is not None:
+        p.error("--prime-rows needs --prime-image")
+    reranker = None
+    if args.candidates is not None:
+        from dalle_ds.sampling.rerank import load_reranker  # noqa: PLC0415
+
+        if args.candidates < 1 or not 1 <= args.keep <= args.candidates:
+            p.error(f"need 1 <= --keep ({args.keep}) <= --candidates ({args.candidates})")
+        if (args.clip is None) == (args.open_clip is None):
+            p.error("--candidates needs exactly one reranker: --clip FILE or --open-clip ARCH:CHECKPOINT")
+        reranker = load_reranker(clip=args.clip, open_clip=args.open_clip)
+        scfg.num_per_caption = args.candidates
+    images = generate(prior, tok, dvae, captions, scfg, prime=prime)
+    info = {}
+    if reranker is not None:
+        from dalle_ds.sampling.rerank import rerank  # noqa: PLC0415
+
+        images, scores = rerank(reranker, images, captions, args.candidates, args.keep)
+        scfg.num_per_caption = args.keep
+        info["scores"] = [round(float(x), 4) for x in scores]
     labels = [c for c in captions for _ in range(scfg.num_per_caption)]
     path = save_grid(images, labels, args.out, cols=max(scfg.num_per_caption, 4))
-    print(json.dumps({"samples": str(path), "count": len(images)}))
+    print(json.dumps({"samples": str(path), "count": len(images), **info}))
 
 
 if __name__ == "__main__":

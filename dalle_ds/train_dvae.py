@@ -57,6 +57,7 @@ def train_dvae(cfg: ExperimentConfig, *, ds_config, out_dir: str | Path, resume:
     torch.manual_seed(tcfg.seed)
     ds_cfg = load_ds_config(ds_config)
     train_set, val_set = image_dataset(cfg.data, "train"), image_dataset(cfg.data, "val")
+    data_report = log_data_report(out_dir, {"train": train_set, "val": val_set})
     model = DVAE(cfg.dvae)
     engine = build_engine(model, ds_cfg, lr=tcfg.lr, betas=tcfg.betas, eps=tcfg.eps,
                           weight_decay=tcfg.weight_decay,
@@ -84,7 +85,22 @@ def train_dvae(cfg: ExperimentConfig, *, ds_config, out_dir: str | Path, resume:
         ckpt.save_model_file(out_dir / "dvae.pt", {"kind": "dvae", "config": cfg.to_dict(), "state_dict": state,
                                                    "step": result.step})
     return {"step": result.step, "seconds": result.seconds, "recon_psnr": result.last_eval.get("recon_psnr"),
-            "history": result.history, "path": str(out_dir / "dvae.pt")}
+            "history": result.history, "path": str(out_dir / "dvae.pt"), "data_report": data_report}
+
+
+def log_data_report(out_dir: Path, splits: dict) -> dict:
+    """Print each split's pass counts (skipped by defect, filtered by rule, converted) and write
+    out_dir/data_report.json on rank 0; {} for the built-in data, which has no pass."""
+    import json  # noqa: PLC0415
+
+    reports = {name: ds.report.as_dict() for name, ds in splits.items() if hasattr(ds, "report")}
+    if reports and is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "data_report.json").write_text(json.dumps(reports, indent=1))
+        for name, ds in splits.items():
+            if hasattr(ds, "report"):
+                print(f"[{name}] {ds.report.summary()}", flush=True)
+    return reports
 
 
 def load_dvae(path: str | Path, cfg: ExperimentConfig | None = None) -> tuple[DVAE, ExperimentConfig]:

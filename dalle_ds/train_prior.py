@@ -22,7 +22,9 @@ from dalle_ds.data.encode import load_encoded
 from dalle_ds.prior.model import Prior
 from dalle_ds.tokenizer import CaptionTokenizer
 from dalle_ds.training import checkpoint as ckpt
-from dalle_ds.training.distributed import barrier, device, init_distributed, is_main
+from dalle_ds.training import activation_checkpointing
+from dalle_ds.training.distributed import barrier, device, init_distributed, is_main, world_size
+from dalle_ds.training.ema import EMA
 from dalle_ds.training.engine import build_engine, load_ds_config
 from dalle_ds.training.loop import LoopConfig, fit
 
@@ -83,8 +85,25 @@ def train_prior(cfg: ExperimentConfig, *, ds_config, data_dir: str | Path, out_d
                          f"but prior.image_grid={cfg.prior.image_grid} and prior.image_vocab_size="
                          f"{cfg.prior.image_vocab_size}; encode with the matching dVAE")
     tok = get_tokenizer(cfg, out_dir, captions, tokenizer_path)
-    engine = build_engine(Prior(cfg.prior), ds_cfg, lr=tcfg.lr, betas=tcfg.betas, eps=tcfg.eps,
+    if is_main():  # with tokenizer.json, what `dalle-ds export` needs next to the checkpoints
+        import json  # noqa: PLC0415
+
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        if tokenizer_path is not None:
+            (out_dir / "tokenizer.json").write_text(tok.to_json())
+    model = Prior(cfg.prior)
+    activation_checkpointing.apply(model, tcfg.activation_checkpoint_every)
+    engine = build_engine(model, ds_cfg, lr=tcfg.lr, betas=tcfg.betas, eps=tcfg.eps,
                           weight_decay=tcfg.weight_decay, lr_lambda=lambda step: lr_factor(step, tcfg))
+    scaler = None
+    if tcfg.grad_scaling != "off":
+        from dalle_ds.training.grad_scaling import ScalingPolicy, scaler_for  # noqa: PLC0415
+
+        scaler = scaler_for(engine, engine.module, ScalingPolicy(
+            mode=tcfg.grad_scaling, on_nonfinite=tcfg.grad_scaling_policy, init_log2=tcfg.grad_scale_init_log2,
+            min_log2=tcfg.grad_scale_min_log2, max_log2=tcfg.grad_scale_max_log2,
+            growth_interval=tcfg.grad_scale_growth_interval, world=world_size()))
+    ema = EMA(engine.module, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
 
     def loss_fn(eng, idx, step):
         text = tok.encode_batch([captions[i] for i in idx], train=True).to(device())  # BPE dropout here only
@@ -98,27 +117,46 @@ def train_prior(cfg: ExperimentConfig, *, ds_config, data_dir: str | Path, out_d
     loop = LoopConfig(steps=tcfg.steps, log_every=tcfg.log_every, save_every=tcfg.save_every,
                       eval_every=tcfg.eval_every, seed=tcfg.seed, desc="prior", progress=progress, stop_at=stop_at)
     result = fit(engine, loss_fn=loss_fn, num_items=len(captions), ds_cfg=ds_cfg, out_dir=out_dir, loop=loop,
-                 eval_fn=eval_fn, resume=resume)
+                 eval_fn=eval_fn, resume=resume, grad_scaler=scaler, ema=ema, ema_every=tcfg.ema_every)
+    if result.interrupted:  # SIGTERM: the checkpoint is saved; exit without the export
+        return {"step": result.step, "seconds": result.seconds, "history": result.history, "interrupted": True,
+                "val_loss_text": None, "val_loss_image": None, "path": None}
     state = ckpt.gathered_state_dict(engine.module)
+    payload = {"kind": "prior", "config": cfg.to_dict(), "state_dict": state, "tokenizer": tok.to_json(),
+               "step": result.step}
+    if ema is not None:  # the averaged weights, gathered from their ZeRO-3 shards
+        with ema.swapped_in():
+            ema_state = ckpt.gathered_state_dict(engine.module)
+        payload["ema_state_dict"] = ema_state
     if is_main():
-        ckpt.save_model_file(out_dir / "prior.pt", {"kind": "prior", "config": cfg.to_dict(), "state_dict": state,
-                                                    "tokenizer": tok.to_json(), "step": result.step})
+        ckpt.save_model_file(out_dir / "prior.pt", payload)
     return {"step": result.step, "seconds": result.seconds, "history": result.history,
             "val_loss_text": result.last_eval.get("loss_text"), "val_loss_image": result.last_eval.get("loss_image"),
             "path": str(out_dir / "prior.pt")}
 
 
-def load_prior(path: str | Path, cfg: ExperimentConfig | None = None,
-               backend: str | None = None) -> tuple[Prior, CaptionTokenizer, ExperimentConfig]:
-    """Rebuild prior and tokenizer from the exported file alone (no DeepSpeed)."""
-    payload = ckpt.load_model_file(path)
+def load_prior(path: str | Path, cfg: ExperimentConfig | None = None, backend: str | None = None,
+               use_ema: bool = False) -> tuple[Prior, CaptionTokenizer, ExperimentConfig]:
+    """Rebuild prior and tokenizer from the exported file alone (no DeepSpeed); `use_ema` loads the
+    averaged weights (trained with prior_train.ema_decay > 0)."""
+    from dalle_ds.export import is_export, read_export  # noqa: PLC0415
+
+    if is_export(path):  # a `dalle-ds export` folder (safetensors)
+        state, config, tok_json = read_export(path)
+        payload = {"config": config, "state_dict": state, "tokenizer": tok_json}
+        if use_ema:
+            raise ValueError(f"{path}: an export holds one set of weights; export with --ema instead")
+    else:
+        payload = ckpt.load_model_file(path)
     saved = from_dict(payload["config"])
     if cfg is not None:
         check_compatible(saved, cfg, "prior")
     if backend is not None:
         saved.prior.attention_backend = backend  # weights do not depend on the backend
     model = Prior(saved.prior)
-    model.load_state_dict(payload["state_dict"])
+    if use_ema and "ema_state_dict" not in payload:
+        raise ValueError(f"{path} has no EMA weights (train with prior_train.ema_decay > 0)")
+    model.load_state_dict(payload["ema_state_dict"] if use_ema else payload["state_dict"])
     return model.eval(), CaptionTokenizer.from_json(payload["tokenizer"], saved.tokenizer), saved
 
 
@@ -133,6 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     s = train_prior(config_from_args(args), ds_config=args.ds_config, data_dir=args.data, out_dir=args.out,
                     tokenizer_path=args.tokenizer, resume=not args.no_resume, stop_at=args.stop_at)
+    if s.get("interrupted"):
+        if is_main():
+            print(f"prior: SIGTERM, checkpoint saved at step {s['step']}; rerun the same command to resume")
+        return
     if is_main():
         print(f"prior: {s['step']} steps, val loss text {s['val_loss_text']:.4f} image {s['val_loss_image']:.4f}"
               f" -> {s['path']}")

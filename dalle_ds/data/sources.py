@@ -1,12 +1,124 @@
-"""Where images and captions come from. Issue-2 scope: the built-in procedural "shapes" dataset."""
+"""Where images and captions come from: the built-in "shapes" data, or external image-text pairs.
+
+`image_dataset(cfg, split, purpose)` returns a map-style dataset of {"image": uint8 (3, R, R), "caption": str}.
+For external sources (data/records.py) construction makes one *pass*: every record of the split is read,
+its caption decoded and filtered, its image decoded (converted when it can be: CMYK, grayscale, RGBA,
+palette, 16-bit) and filtered by aspect ratio. Unusable records are skipped and counted by kind; the
+counts are in `dataset.report` (a PassReport) and logged by the training entry points. The kept indices
+are then read in any order by the training loop's DataOrder (resumable by position, sharded across ranks).
+The pass decodes every image once; for data too large for that, use `stream_items` (data.streaming), which
+decodes, filters and counts on the fly.
+
+`purpose` picks the preprocessing (PAPER §1.4): "dvae" = Listing 1 (random crop, area resize, flip),
+"prior" = Listing 2 (near-centre crop, no flip); random draws are seeded by (seed, item, access count).
+"""
 from __future__ import annotations
 
+import itertools
+import logging
+import zlib
+
+import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from dalle_ds.config import ConfigError, DataConfig
+from dalle_ds.data.decode import BadInput, decode_caption, decode_image, open_image
+from dalle_ds.data.filters import caption_rejection, image_rejection
+from dalle_ds.data.preprocess import PREPROCESS
+from dalle_ds.data.records import raw_records, split_of
+from dalle_ds.data.report import PassReport
+
+log = logging.getLogger(__name__)
 
 
-def image_dataset(cfg: DataConfig, split: str) -> Dataset:
+def clean_record(rec: dict, cfg: DataConfig, report: PassReport) -> tuple[np.ndarray, str] | None:
+    """Decode, convert and filter one raw record, counting the outcome; None if it is dropped."""
+    report.seen += 1
+    try:
+        caption, cap_conv = decode_caption(rec["caption"])
+        rule = caption_rejection(caption, cfg)
+        if rule is not None:
+            report.filtered[rule] += 1
+            return None
+        img = open_image(rec["image"], max_pixels=cfg.max_image_pixels)
+        rule = image_rejection(*img.size, cfg)
+        if rule is not None:
+            report.filtered[rule] += 1
+            return None
+        pixels, img_conv = decode_image(rec["image"], max_pixels=cfg.max_image_pixels)
+    except BadInput as e:
+        report.skipped[e.kind] += 1
+        return None
+    for conv in (cap_conv, img_conv):
+        if conv is not None:
+            report.converted[conv] += 1
+    report.kept += 1
+    return pixels, caption
+
+
+class CleanImageDataset(Dataset):
+    """The kept records of one split of an external source, preprocessed for `purpose`."""
+
+    def __init__(self, cfg: DataConfig, split: str, purpose: str = "dvae"):
+        if purpose not in PREPROCESS:
+            raise ValueError(f"purpose must be one of {list(PREPROCESS)}, got {purpose!r}")
+        self.cfg, self.split, self.purpose = cfg, split, purpose
+        self.records, exact = raw_records(cfg, split)
+        self.report = PassReport()
+        self.keep: list[int] = []
+        for i in range(len(self.records)):
+            rec = self.records[i]
+            if not exact and split_of(rec["key"], cfg.val_fraction) != split:
+                continue
+            if clean_record(rec, cfg, self.report) is not None:
+                self.keep.append(i)
+        self._access = 0
+        log.info("%s split %s: %s", cfg.path, split, self.report.summary())
+        if not self.keep:
+            raise ConfigError(f"data.path: no usable {split} records in {cfg.path} ({self.report.summary()})")
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, i: int) -> dict:
+        j = self.keep[i]
+        rec = self.records[j]
+        try:
+            pixels, _ = decode_image(rec["image"], max_pixels=self.cfg.max_image_pixels)
+            caption, _ = decode_caption(rec["caption"])
+        except BadInput:  # the file changed since the pass: use the next kept record
+            return self[(i + 1) % len(self)]
+        self._access += 1
+        rng = np.random.default_rng([self.cfg.seed, j, self._access])
+        return {"image": PREPROCESS[self.purpose](pixels, self.cfg.image_size, rng), "caption": caption}
+
+
+def stream_items(cfg: DataConfig, split: str, purpose: str = "prior", *, rank: int = 0, world: int = 1,
+                 start: int = 0, report: PassReport | None = None):
+    """Iterate (position, item) over rank `rank`'s shard of a split, decoding, filtering and counting on the fly.
+
+    Records are dealt round-robin over ranks (record n goes to rank n % world). `position` counts the raw
+    records of this rank's shard consumed so far (kept or not); pass it back as `start` to resume after
+    the last item handled. Works for map-style and streaming sources alike.
+    """
+    records, exact = raw_records(cfg, split)
+    report = report if report is not None else PassReport()
+    mine = itertools.islice(iter(records), rank, None, world)
+    pos = start
+    for n, rec in enumerate(itertools.islice(mine, start, None)):
+        pos = start + n + 1
+        if not exact and split_of(rec["key"], cfg.val_fraction) != split:
+            continue
+        out = clean_record(rec, cfg, report)
+        if out is None:
+            continue
+        pixels, caption = out
+        rng = np.random.default_rng([cfg.seed, zlib.crc32(rec["key"].encode("utf-8", "replace"))])
+        yield pos, {"key": rec["key"], "image": PREPROCESS[purpose](pixels, cfg.image_size, rng), "caption": caption}
+
+
+def image_dataset(cfg: DataConfig, split: str, purpose: str = "dvae") -> Dataset:
     """A dataset of {"image": uint8 (3, H, W), "caption": str} for `split` in train | val."""
     if cfg.dataset == "shapes":
         from dalle_ds.data.shapes import ShapesDataset  # noqa: PLC0415
@@ -14,4 +126,11 @@ def image_dataset(cfg: DataConfig, split: str) -> Dataset:
         size = {"train": cfg.num_train, "val": cfg.num_val}[split]
         return ShapesDataset(split=split, size=size, image_size=cfg.image_size, seed=cfg.seed,
                              two_shape_prob=cfg.two_shape_prob)
-    raise ConfigError(f"data.dataset: unknown dataset {cfg.dataset!r}; the built-in one is 'shapes'")
+    if cfg.streaming:
+        raise ConfigError("data.streaming: training reads a map-style dataset; stream with `dalle-ds encode` "
+                          "instead and train the prior from the encoded tokens, or set data.streaming=false")
+    from dalle_ds.config import DATASETS  # noqa: PLC0415
+
+    if cfg.dataset not in DATASETS:
+        raise ConfigError(f"data.dataset: unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
+    return CleanImageDataset(cfg, split, purpose)

@@ -34,12 +34,29 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)  # readers see the old or the new file, never half of one
 
 
-def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict) -> str:
-    """Save every rank's shard, then (only after all ranks finished) point `latest` at it."""
+def _rank_file(ckpt_dir: Path, tag: str) -> Path:
+    from dalle_ds.training.distributed import rank  # noqa: PLC0415
+
+    return ckpt_dir / tag / f"rank_state_{rank():05d}.pt"
+
+
+def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict,
+                    rank_state: dict | None = None) -> str:
+    """Save every rank's shard, then (only after all ranks finished) point `latest` at it.
+
+    DeepSpeed keeps `client_state` from data-parallel rank 0 only, so state that differs per rank (RNG,
+    EMA shards under ZeRO-3, compressor error buffers) goes into `rank_state`, one file per rank.
+    A crash anywhere before the final rename leaves `latest` on the previous complete checkpoint.
+    """
     ckpt_dir = Path(ckpt_dir)
     tag = f"step{step:08d}"
     state = dict(client_state, step=step, rng=capture_rng())
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
+    own = _rank_file(ckpt_dir, tag)
+    own.parent.mkdir(parents=True, exist_ok=True)
+    tmp = own.with_name(own.name + ".tmp")
+    torch.save(dict(rank_state or {}, rng=capture_rng()), tmp)
+    os.replace(tmp, own)
     barrier()
     if is_main():
         _atomic_write_text(ckpt_dir / LATEST, tag)
@@ -60,7 +77,14 @@ def load_checkpoint(engine, ckpt_dir: str | Path) -> dict | None:
     _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if client_state is None:
         raise RuntimeError(f"checkpoint {ckpt_dir}/{tag} could not be loaded")
-    restore_rng(client_state["rng"])
+    own = _rank_file(Path(ckpt_dir), tag)
+    if own.exists():
+        rank_state = torch.load(own, map_location="cpu", weights_only=False)
+        restore_rng(rank_state.pop("rng"))
+        client_state = dict(client_state, rank_state=rank_state)
+    else:  # older checkpoints: one RNG state for every rank
+        restore_rng(client_state["rng"])
+        client_state = dict(client_state, rank_state={})
     return client_state
 
 

@@ -1,6 +1,7 @@
 """The training loop shared by the dVAE and the prior: micro-batches, logging, eval, checkpoints, resume."""
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +38,53 @@ class LoopResult:
     history: list[dict] = field(default_factory=list)  # one entry per logged step (rank 0's view)
     last_eval: dict = field(default_factory=dict)
     seconds: float = 0.0
+    interrupted: bool = False  # SIGTERM: a checkpoint was saved at `step` and the loop stopped early
+
+
+class _TermFlag:
+    """SIGTERM sets a flag instead of killing the process; the loop saves and stops at the next step end."""
+
+    def __init__(self):
+        self.set = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+    def any_rank(self) -> bool:
+        """True on every rank if any rank got SIGTERM (all ranks must save the same step)."""
+        if not torch.distributed.is_initialized() or world_size() == 1:
+            return self.set
+        from dalle_ds.training.distributed import device  # noqa: PLC0415
+
+        t = torch.tensor([1.0 if self.set else 0.0], device=device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item() > 0)
 
 
 def fit(engine, *, loss_fn: LossFn, num_items: int, ds_cfg: dict, out_dir: str | Path, loop: LoopConfig,
         ema: EMA | None = None, eval_fn: Callable[[torch.nn.Module], dict] | None = None,
-        schedule_fn: Callable[[int], dict] | None = None, resume: bool = True) -> LoopResult:
-    """Run `loop.steps` optimizer steps of `engine`, resuming from `out_dir/checkpoints` if present."""
+        schedule_fn: Callable[[int], dict] | None = None, resume: bool = True, grad_scaler=None,
+        ema_every: int = 1, extra_state: dict | None = None) -> LoopResult:
+    """Run `loop.steps` optimizer steps of `engine`, resuming from `out_dir/checkpoints` if present.
+
+    `grad_scaler` (training/grad_scaling.py, already attached to the engine) and `extra_state`
+    (name -> object with state_dict/load_state_dict, e.g. a gradient compressor) are checkpointed in
+    client_state. SIGTERM saves a checkpoint at the end of the current step and returns with
+    `interrupted=True`.
+    """
+    extra_state = dict(extra_state or {})
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     order = DataOrder(num_items, loop.seed)
@@ -56,14 +98,22 @@ def fit(engine, *, loss_fn: LossFn, num_items: int, ds_cfg: dict, out_dir: str |
             if state["data_position"] != start * gb:
                 raise RuntimeError(f"checkpoint data position {state['data_position']} does not match step "
                                    f"{start} x global batch {gb}: resume with the same ds_config and ranks")
-            if ema is not None and "ema" in state:
-                ema.load_state_dict(state["ema"])
+            if ema is not None and "ema" in state["rank_state"]:
+                ema.load_state_dict(state["rank_state"]["ema"])
+            if grad_scaler is not None and "grad_scaler" in state:
+                grad_scaler.load_state_dict(state["grad_scaler"])
+            for name, obj in extra_state.items():
+                if name in state["rank_state"]:
+                    obj.load_state_dict(state["rank_state"][name])
 
     def save(step: int) -> None:
         client = {"data_position": step * gb, "schedules": schedule_fn(step) if schedule_fn else {}}
-        if ema is not None:
-            client["ema"] = ema.state_dict()
-        ckpt.save_checkpoint(engine, ckpt_dir, step, client)
+        if grad_scaler is not None:  # identical on every rank (flags are all-reduced)
+            client["grad_scaler"] = grad_scaler.state_dict()
+        per_rank = {name: obj.state_dict() for name, obj in extra_state.items()}
+        if ema is not None:  # a shard per rank under ZeRO-3
+            per_rank["ema"] = ema.state_dict()
+        ckpt.save_checkpoint(engine, ckpt_dir, step, client, rank_state=per_rank)
 
     logger = MetricsLogger(out_dir, total_steps=loop.steps, start_step=start, desc=loop.desc,
                            progress=loop.progress)
@@ -72,38 +122,48 @@ def fit(engine, *, loss_fn: LossFn, num_items: int, ds_cfg: dict, out_dir: str |
     window_t, window_tokens = time.perf_counter(), 0
     engine.train()
     end = loop.steps if loop.stop_at is None else min(loop.steps, loop.stop_at)
-    for step in range(start, end):
-        sums: dict[str, float] = {}
-        for a in range(accum):
-            idx = order.micro_batch(step, global_batch=gb, micro=micro, accum_index=a, rank=r, world=world)
-            loss, stats, tokens = loss_fn(engine, idx, step)
-            engine.backward(loss)
-            engine.step()
-            window_tokens += tokens * world
-            for k, v in {"loss": loss.item(), **{k: float(v) for k, v in stats.items()}}.items():
-                sums[k] = sums.get(k, 0.0) + v / accum
-        if ema is not None:
-            ema.update()
-        done = step + 1
-        if done % loop.log_every == 0 or done == loop.steps:
-            metrics = mean_across_ranks(sums)
-            elapsed = time.perf_counter() - window_t
-            metrics["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
-            metrics["lr"] = engine.get_lr()[0]
-            if schedule_fn:
-                metrics.update(schedule_fn(step))
-            logger.log(done, metrics)
-            logger.progress(done, metrics["loss"], metrics["tokens_per_s"])
-            result.history.append({"step": done, **metrics})
-            window_t, window_tokens = time.perf_counter(), 0
-        if eval_fn is not None and loop.eval_every and done % loop.eval_every == 0 and done != loop.steps:
-            result.last_eval = eval_fn(engine.module)
-            logger.log(done, {f"val/{k}": v for k, v in result.last_eval.items()})
-            engine.train()
-        if done % loop.save_every == 0 or done == end:
-            save(done)
-        result.step = done
-    if eval_fn is not None:
+    term = _TermFlag().__enter__()
+    try:
+        for step in range(start, end):
+            sums: dict[str, float] = {}
+            for a in range(accum):
+                idx = order.micro_batch(step, global_batch=gb, micro=micro, accum_index=a, rank=r, world=world)
+                loss, stats, tokens = loss_fn(engine, idx, step)
+                engine.backward(loss)
+                engine.step()
+                window_tokens += tokens * world
+                for k, v in {"loss": loss.item(), **{k: float(v) for k, v in stats.items()}}.items():
+                    sums[k] = sums.get(k, 0.0) + v / accum
+            done = step + 1
+            if ema is not None and done % ema_every == 0:
+                ema.update()
+            if done % loop.log_every == 0 or done == loop.steps:
+                metrics = mean_across_ranks(sums)
+                elapsed = time.perf_counter() - window_t
+                metrics["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+                metrics["lr"] = engine.get_lr()[0]
+                if schedule_fn:
+                    metrics.update(schedule_fn(step))
+                if grad_scaler is not None:
+                    metrics.update(grad_scaler.stats())
+                logger.log(done, metrics)
+                logger.progress(done, metrics["loss"], metrics["tokens_per_s"])
+                result.history.append({"step": done, **metrics})
+                window_t, window_tokens = time.perf_counter(), 0
+            if eval_fn is not None and loop.eval_every and done % loop.eval_every == 0 and done != loop.steps:
+                result.last_eval = eval_fn(engine.module)
+                logger.log(done, {f"val/{k}": v for k, v in result.last_eval.items()})
+                engine.train()
+            result.step = done
+            if term.any_rank():
+                save(done)
+                result.interrupted = True
+                break
+            if done % loop.save_every == 0 or done == end:
+                save(done)
+    finally:
+        term.__exit__()
+    if eval_fn is not None and not result.interrupted:
         result.last_eval = eval_fn(engine.module)
         logger.log(result.step, {f"val/{k}": v for k, v in result.last_eval.items()})
     logger.close()

@@ -1,0 +1,181 @@
+"""Raw records from external sources: {"key": str, "image": bytes | None, "caption": bytes | str | None}.
+
+Nothing is decoded here; `dalle_ds.data.sources` decodes, converts, filters and counts.
+
+* folder:      every image file under data.path (recursively) with a same-stem `.txt` caption beside it
+               (the DALLE-pytorch layout). Subfolders `train/` and `val/`, if present, are the splits.
+* hf_disk:     a `datasets` Dataset or DatasetDict written with `save_to_disk`.
+* parquet:     parquet file(s) (a path or glob) with an image column (bytes or {"bytes", "path"}) and a caption.
+* imagefolder: the `datasets` imagefolder layout: images plus metadata.csv / metadata.jsonl with a caption column.
+* webdataset:  tar shards (a path or glob), read by `datasets`' webdataset builder: `<key>.jpg` + `<key>.txt`.
+With data.streaming the `datasets` sources are iterated without materialising an Arrow cache.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+from pathlib import Path
+
+from dalle_ds.config import ConfigError, DataConfig
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img")
+CAPTION_COLUMNS = ("caption", "text", "txt", "alt", "captions")
+
+
+def split_of(key: str, val_fraction: float) -> str:
+    """A stable train/val assignment from the record key (same on every machine and rank)."""
+    h = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+    return "val" if h / 2.0 ** 64 < val_fraction else "train"
+
+
+class FolderRecords:
+    """Map-style raw records of an image folder with same-stem .txt captions."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ConfigError(f"data.path: {self.root} is not a folder")
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict:
+        p = self.files[i]
+        cap_path = p.with_suffix(".txt")
+        try:
+            image = p.read_bytes()
+        except OSError:
+            image = None
+        try:
+            caption = cap_path.read_bytes() if cap_path.exists() else None
+        except OSError:
+            caption = None
+        return {"key": str(p.relative_to(self.root)), "image": image, "caption": caption}
+
+
+def _pick(columns: list[str], wanted: str, candidates: tuple[str, ...], field: str) -> str:
+    if wanted:
+        if wanted not in columns:
+            raise ConfigError(f"data.{field}: column {wanted!r} is not in the dataset's columns {columns}")
+        return wanted
+    for c in candidates:
+        if c in columns:
+            return c
+    raise ConfigError(f"data.{field}: none of {candidates} is a column ({columns}); set data.{field}")
+
+
+def _image_bytes(value) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return value["bytes"]
+        if value.get("path"):
+            try:
+                return Path(value["path"]).read_bytes()
+            except OSError:
+                return None
+        return None
+    if hasattr(value, "save"):  # an already decoded PIL image
+        import io  # noqa: PLC0415
+
+        buf = io.BytesIO()
+        value.save(buf, format="PNG")
+        return buf.getvalue()
+    return None
+
+
+class HFRecords:
+    """Raw records over a `datasets` Dataset or IterableDataset (images left undecoded)."""
+
+    def __init__(self, ds, cfg: DataConfig):
+        import datasets  # noqa: PLC0415
+
+        if ds.column_names is not None:
+            columns = list(ds.column_names)
+        elif ds.features is not None:
+            columns = list(ds.features)
+        else:  # a streaming dataset with unknown features: look at the first row
+            columns = list(next(iter(ds)).keys())
+        self.image_col = _pick(columns, cfg.image_column, IMAGE_COLUMNS, "image_column")
+        self.caption_col = _pick(columns, cfg.caption_column, CAPTION_COLUMNS, "caption_column")
+        feats = ds.features or {}
+        if isinstance(feats.get(self.image_col), datasets.Image):
+            ds = ds.cast_column(self.image_col, datasets.Image(decode=False))
+        self.ds = ds.select_columns([c for c in (self.image_col, self.caption_col, "__key__") if c in columns])
+        self.streaming = isinstance(ds, datasets.IterableDataset)
+
+    def _record(self, row: dict, i: int) -> dict:
+        cap = row.get(self.caption_col)
+        if isinstance(cap, list):  # several captions per image: take the first
+            cap = cap[0] if cap else None
+        return {"key": str(row.get("__key__", i)), "image": _image_bytes(row.get(self.image_col)), "caption": cap}
+
+    def __len__(self) -> int:
+        if self.streaming:
+            raise TypeError("a streaming source has no length; iterate it")
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        return self._record(self.ds[int(i)], int(i))
+
+    def __iter__(self):
+        for i, row in enumerate(self.ds):
+            yield self._record(row, i)
+
+
+def _files(pattern: str, what: str) -> list[str]:
+    files = sorted(glob.glob(pattern)) if any(ch in pattern for ch in "*?[") else [pattern]
+    if not files or not all(Path(f).exists() for f in files):
+        raise ConfigError(f"data.path: no {what} found at {pattern!r}")
+    return files
+
+
+def hf_dataset(cfg: DataConfig, split: str):
+    """(datasets Dataset/IterableDataset, whether it is already the requested split)."""
+    import datasets  # noqa: PLC0415
+
+    kind, path = cfg.dataset, cfg.path
+    if kind == "hf_disk":
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if split in ds:
+                ds = ds[split]
+                exact = True
+            elif split == "val" and "validation" in ds:
+                ds, exact = ds["validation"], True
+            else:
+                ds, exact = ds["train" if "train" in ds else next(iter(ds))], False
+        else:
+            exact = False
+        if cfg.streaming:
+            ds = ds.to_iterable_dataset()
+        return ds, exact
+    if kind == "parquet":
+        ds = datasets.load_dataset("parquet", data_files=_files(path, "parquet files"), split="train",
+                                   streaming=cfg.streaming)
+    elif kind == "webdataset":
+        ds = datasets.load_dataset("webdataset", data_files=_files(path, "tar shards"), split="train",
+                                   streaming=cfg.streaming)
+    elif kind == "imagefolder":
+        if not Path(path).is_dir():
+            raise ConfigError(f"data.path: {path} is not a folder")
+        ds = datasets.load_dataset("imagefolder", data_dir=path, split="train", streaming=cfg.streaming)
+    else:
+        raise ConfigError(f"data.dataset: {kind!r} is not a `datasets` source")
+    return ds, False
+
+
+def raw_records(cfg: DataConfig, split: str):
+    """(records, exact_split): records are map-style (len/getitem) unless data.streaming."""
+    if cfg.dataset == "folder":
+        root = Path(cfg.path)
+        if (root / split).is_dir():
+            return FolderRecords(root / split), True
+        return FolderRecords(root), False
+    ds, exact = hf_dataset(cfg, split)
+    return HFRecords(ds, cfg), exact

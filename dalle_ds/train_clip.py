@@ -1,0 +1,126 @@
+"""Train the small contrastive image-text model used to rerank samples (`dalle-ds train-clip`).
+
+    python -m dalle_ds.train_clip --preset shapes --out runs/clip [--dvae runs/dvae/dvae.pt]
+
+Reads the same data as the dVAE (any source, filters and counts included) with the prior's preprocessing
+(no flip: captions say "left" and "right"). With --dvae, half of each batch is replaced by its dVAE
+reconstruction (encode -> argmax -> decode), so the reranker has seen images that look like samples.
+Writes out/clip.pt (config + weights + tokenizer) and out/clip_metrics.json. One process, plain PyTorch:
+the model is small.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse
+import json
+import math
+import time
+
+import numpy as np
+import torch
+
+from dalle_ds.cli_common import add_config_args, config_from_args
+from dalle_ds.config import ExperimentConfig, from_dict
+from dalle_ds.contrastive import ContrastiveModel
+from dalle_ds.data.sources import image_dataset
+from dalle_ds.tokenizer import CaptionTokenizer
+
+
+def _batch(ds, idx) -> tuple[torch.Tensor, list[str]]:
+    items = [ds[int(i)] for i in idx]
+    return torch.stack([it["image"] for it in items]).float().div_(255.0), [it["caption"] for it in items]
+
+
+@torch.no_grad()
+def retrieval_accuracy(model: ContrastiveModel, tok: CaptionTokenizer, ds, *, n: int = 256) -> float:
+    """Top-1 image->caption retrieval among n validation pairs (identical captions count as right)."""
+    model.eval()
+    x, caps = _batch(ds, range(min(n, len(ds))))
+    ids = tok.encode_batch(caps, train=False)
+    sim = model.encode_image(x) @ model.encode_text(ids).t()
+    best = sim.argmax(1)
+    return float(np.mean([caps[int(b)] == caps[i] for i, b in enumerate(best)]))
+
+
+def train_clip(cfg: ExperimentConfig, out_dir: str | Path, *, dvae_path: str | Path | None = None,
+               tokenizer_path: str | Path | None = None, progress: bool = True) -> dict:
+    c = cfg.clip
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(c.seed)
+    rng = np.random.default_rng(c.seed)
+    train_set = image_dataset(cfg.data, "train", purpose="prior")
+    val_set = image_dataset(cfg.data, "val", purpose="prior")
+    if tokenizer_path is not None:
+        tok = CaptionTokenizer.load(tokenizer_path, cfg.tokenizer)
+    else:
+        caps = [train_set[i]["caption"] for i in range(min(len(train_set), 5000))]
+        tok = CaptionTokenizer.train(caps, cfg.tokenizer)
+    dvae = None
+    if dvae_path is not None:
+        from dalle_ds.train_dvae import load_dvae  # noqa: PLC0415
+
+        dvae, _ = load_dvae(dvae_path, cfg)
+    model = ContrastiveModel(c, tok.vocab_size, tok.text_len)
+    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / c.steps))))
+    history, t0 = [], time.perf_counter()
+    bs = min(c.batch_size, len(train_set))
+    for step in range(c.steps):
+        model.train()
+        x, caps = _batch(train_set, rng.choice(len(train_set), size=bs, replace=False))
+        if dvae is not None:
+            with torch.no_grad():
+                half = bs // 2
+                x[:half] = dvae.decode(dvae.encode(x[:half])).clamp(0, 1)
+        loss, stats = model(x, tok.encode_batch(caps, train=False))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % c.log_every == 0 or step + 1 == c.steps:
+            history.append({"step": step + 1, "loss": float(loss), **stats})
+            if progress:
+                print(f"clip step {step + 1}/{c.steps} loss {float(loss):.4f} batch acc {stats['acc']:.3f}",
+                      flush=True)
+    val_acc = retrieval_accuracy(model, tok, val_set)
+    torch.save({"kind": "clip", "config": cfg.to_dict(), "state_dict": model.state_dict(),
+                "tokenizer": tok.to_json(), "step": c.steps}, out_dir / "clip.pt")
+    summary = {"step": c.steps, "seconds": time.perf_counter() - t0, "val_retrieval_top1": val_acc,
+               "history": history, "path": str(out_dir / "clip.pt")}
+    if hasattr(train_set, "report"):
+        summary["data_report"] = {"train": train_set.report.as_dict(), "val": val_set.report.as_dict()}
+    (out_dir / "clip_metrics.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def load_clip(path: str | Path) -> tuple[ContrastiveModel, CaptionTokenizer, ExperimentConfig]:
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if payload.get("kind") != "clip":
+        raise ValueError(f"{path}: not a clip.pt written by `dalle-ds train-clip` (kind={payload.get('kind')!r})")
+    cfg = from_dict(payload["config"])
+    tok = CaptionTokenizer.from_json(payload["tokenizer"], cfg.tokenizer)
+    model = ContrastiveModel(cfg.clip, tok.vocab_size, tok.text_len)
+    model.load_state_dict(payload["state_dict"])
+    return model.eval(), tok, cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--out", required=True, help="run folder: clip.pt, clip_metrics.json")
+    p.add_argument("--dvae", default=None, help="dvae.pt: also train on its reconstructions (sample-like images)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of training one")
+    args = p.parse_args(argv)
+    s = train_clip(config_from_args(args), args.out, dvae_path=args.dvae, tokenizer_path=args.tokenizer)
+    print(json.dumps({k: v for k, v in s.items() if k != "history"}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Image-to-image priming, contrastive reranking (own model and the open_clip adapter), `dalle-ds sample` flags."""
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import make_encoded_dataset, write_ds_config
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """Tiny dVAE, prior and contrastive model files, trained a few steps (seconds)."""
+    from dalle_ds.config import load_config
+    from dalle_ds.train_clip import train_clip
+    from dalle_ds.train_dvae import train_dvae
+    from dalle_ds.train_prior import train_prior
+
+    root = tmp_path_factory.mktemp("models")
+    cfg = load_config("tiny", overrides=["tokenizer.bpe_dropout=0", "dvae_train.steps=2", "prior_train.steps=2",
+                                         "data.num_train=32", "data.num_val=8"])
+    ds = write_ds_config(root / "ds.json", micro=4, stage=0)
+    dv = train_dvae(cfg, ds_config=ds, out_dir=root / "dvae", progress=False)
+    make_encoded_dataset(root / "tok", cfg, n_train=16, n_val=4)
+    pr = train_prior(cfg, ds_config=ds, data_dir=root / "tok", out_dir=root / "prior", progress=False)
+    cl = train_clip(cfg, root / "clip", progress=False)
+    return {"cfg": cfg, "dvae": dv["path"], "prior": pr["path"], "clip": cl["path"], "clip_summary": cl,
+            "root": root}
+
+
+class RecordingDVAE(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.grids = inner, []
+
+    def encode(self, x):
+        return self.inner.encode(x)
+
+    def decode(self, grid):
+        self.grids.append(grid.clone())
+        return self.inner.decode(grid)
+
+
+def test_prime_keeps_the_top_rows(tiny_models, tmp_path):
+    """The top R rows of the primed image's argmax grid are kept verbatim in every sample."""
+    from PIL import Image
+
+    from dalle_ds.sample import generate
+    from dalle_ds.sampling.prime import load_image, prime_tokens
+    from dalle_ds.train_dvae import load_dvae
+    from dalle_ds.train_prior import load_prior
+
+    prior, tok, cfg = load_prior(tiny_models["prior"])
+    dvae, _ = load_dvae(tiny_models["dvae"], cfg)
+    path = tmp_path / "cmyk.jpg"  # any mode works: a CMYK JPEG of a non-square size
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 50, 3), np.uint8)).convert("CMYK").save(path)
+    img = load_image(path, cfg.dvae.image_size)
+    assert img.shape == (3, cfg.dvae.image_size, cfg.dvae.image_size)
+    g = cfg.prior.image_grid
+    prime = prime_tokens(dvae, img, 2)
+    assert prime.shape == (2 * g,)
+    assert torch.equal(prime, dvae.encode(img[None].float() / 255)[0, :2].flatten())
+    rec = RecordingDVAE(dvae)
+    cfg.sample.num_per_caption = 3
+    out = generate(prior, tok, rec, ["a small red triangle at the top left"], cfg.sample, prime=prime)
+    assert out.shape[0] == 3
+    grids = torch.cat(rec.grids)  # (3, g, g)
+    assert all(torch.equal(gr[:2].flatten(), prime) for gr in grids)
+    with pytest.raises(ValueError, match="prime-rows"):
+        prime_tokens(dvae, img, g + 1)
+
+
+def test_rerank_keeps_best_per_caption():
+    from dalle_ds.sampling.rerank import rerank
+
+    class ByBrightness:
+        def score(self, images, captions):
+            return torch.tensor([float(im.mean()) for im in images])
+
+    imgs = np.stack([np.full((4, 4, 3), v, np.uint8) for v in (10, 50, 30, 5, 1, 7)])
+    kept, scores = rerank(ByBrightness(), imgs, ["a", "b"], candidates=3, keep=2)
+    assert [int(k[0, 0, 0]) for k in kept] == [50, 30, 7, 5]
+    assert scores.tolist() == pytest.approx([50, 30, 7, 5])
+
+
+def test_own_contrastive_reranker_scores_and_trains(tiny_models):
+    """train-clip writes a loadable model; its reranker gives one finite score per image in [-1, 1]."""
+    from dalle_ds.sampling.rerank import load_reranker
+    from dalle_ds.train_clip import load_clip
+
+    s = tiny_models["clip_summary"]
+    assert s["step"] == 10 and 0.0 <= s["val_retrieval_top1"] <= 1.0
+    assert s["history"][-1]["loss"] < s["history"][0]["loss"] + 1.0
+    model, tok, cfg = load_clip(tiny_models["clip"])
+    r = load_reranker(clip=tiny_models["clip"])
+    imgs = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), np.uint8)
+    sc = r.score(imgs, ["a red square"] * 5)
+    assert sc.shape == (5,) and torch.all(sc.abs() <= 1.0 + 1e-5)
+    big = np.repeat(np.repeat(imgs, 2, 1), 2, 2)  # other resolutions are resized to the model's
+    assert r.score(big, ["a red square"] * 5).shape == (5,)
+
+
+def test_open_clip_adapter_uses_local_checkpoint(tmp_path, monkeypatch):
+    """With an `open_clip` module present the adapter builds ARCH from the local file and scores by cosine;
+    without it (the pinned environment) it fails with a message naming the fix."""
+    from dalle_ds.sampling.rerank import OpenClipReranker, load_reranker
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)
+    ckpt = tmp_path / "clip.pt"
+    ckpt.write_bytes(b"x")
+    with pytest.raises(RuntimeError, match="open_clip_torch"):
+        load_reranker(open_clip=f"ViT-B-32:{ckpt}")
+    calls = {}
+
+    class Fake(torch.nn.Module):
+        def encode_image(self, x):
+            return x.flatten(1)[:, :3]
+
+        def encode_text(self, ids):
+            return ids.float()
+
+    def create(arch, pretrained, device):
+        calls.update(arch=arch, pretrained=pretrained)
+        return Fake(), None, lambda im: torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float()
+
+    fake = types.SimpleNamespace(create_model_and_transforms=create,
+                                 get_tokenizer=lambda arch: lambda caps: torch.tensor([[1.0, 0, 0]] * len(caps)))
+    monkeypatch.setitem(sys.modules, "open_clip", fake)
+    r = OpenClipReranker("ViT-B-32", str(ckpt))
+    assert calls == {"arch": "ViT-B-32", "pretrained": str(ckpt)}
+    imgs = np.zeros((2, 2, 2, 3), np.uint8)
+    imgs[0, 0, 0] = (255, 0, 0)
+    imgs[1, 0, 0] = (0, 255, 0)
+    assert r.score(imgs, ["x", "y"]).tolist() == pytest.approx([1.0, 0.0])
+    with pytest.raises(FileNotFoundError):
+        OpenClipReranker("ViT-B-32", str(tmp_path / "missing.pt"))
+
+
+def test_sample_cli_candidates_keep_and_prime(tiny_models, tmp_path, capsys):
+    from PIL import Image
+
+    from dalle_ds.sample import main
+    img = tmp_path / "p.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8)).save(img)
+    main(["--prior", tiny_models["prior"], "--dvae", tiny_models["dvae"], "--caption", "a red square",
+          "--caption", "a blue circle", "--candidates", "4", "--keep", "2", "--clip", tiny_models["clip"],
+          "--prime-image", str(img), "--prime-rows", "1", "--out", str(tmp_path / "s.png")])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["count"] == 4 and len(out["scores"]) == 4
+    assert out["scores"][0] >= out["scores"][1] and out["scores"][2] >= out["scores"][3]
+    assert (tmp_path / "s.png").exists()
+    with pytest.raises(SystemExit):
+        main(["--prior", tiny_models["prior"], "--dvae", tiny_models["dvae"], "--caption", "x",
+              "--candidates", "2", "--keep", "3", "--clip", tiny_models["clip"]])
+
+
+def test_eval_cli_writes_json_and_plot(tiny_models, tmp_path):
+    """`dalle-ds eval` on the tiny model: FID per radius, contrastive scores, composition with/without rerank."""
+    from dalle_ds.cli import main
+    main(["eval", "--prior", tiny_models["prior"], "--dvae", tiny_models["dvae"], "--clip", tiny_models["clip"],
+          "--n", "3", "--radii", "0", "--heldout", "2", "--candidates", "2", "--out", str(tmp_path / "ev")])
+    r = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert set(r["fid"]) == {"0"} and all(v >= 0 for v in r["fid"].values())
+    assert -1 <= r["mean_contrastive_score"] <= 1 and r["n_fake"] == 3
+    comp = r["heldout_composition"]
+    assert comp["unreranked"]["n"] == 4 and comp["reranked_top1"]["n"] == 2
+    assert (tmp_path / "ev" / "fid_blur.png").stat().st_size > 500
