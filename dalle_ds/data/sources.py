@@ -19,7 +19,6 @@ import logging
 import zlib
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from dalle_ds.config import ConfigError, DataConfig
