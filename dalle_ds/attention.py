@@ -55,7 +55,12 @@ def register_backend(name: str, fn: AttentionFn) -> None:
 
 
 def get_backend(name: str) -> AttentionFn:
-    """The backend function for `name`; a clear ValueError for unknown or not-yet-available ones."""
+    """The backend function for `name`; a clear ValueError for unknown or not-yet-available ones.
+
+    "auto" is the Triton kernels on a GPU and the sparse PyTorch path elsewhere.
+    """
+    if name == "auto":
+        name = "triton" if torch.cuda.is_available() and "triton" in BACKENDS else "sparse"
     fn = BACKENDS.get(name)
     if fn is not None:
         return fn

@@ -217,3 +217,13 @@ def test_tiny_prior_trained_with_sparse_loads_and_decodes_with_dense():
         for r in range(cfg.image_len - 1):
             steps.append(dense_model.decode_step(image[:, r], cache))
         torch.testing.assert_close(torch.stack(steps, dim=1), i_s, rtol=0, atol=1e-5)
+
+
+def test_auto_backend_is_sparse_on_cpu_and_default():
+    """`auto` (the default backend) resolves to the sparse path on a machine without a GPU."""
+    from dalle_ds.attention import BACKENDS, get_backend
+    from dalle_ds.config import PriorConfig
+
+    assert PriorConfig().attention_backend == "auto"
+    if not torch.cuda.is_available():
+        assert get_backend("auto") is BACKENDS["sparse"]

@@ -5,7 +5,8 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+import subprocess
+import sys
 
 from dalle_ds.training.compression import OneBit, PowerSGD, orthogonalise
 
@@ -58,7 +59,11 @@ def _worker(rank, world, port, kind, out_dir):
 def test_error_feedback_replicas_and_state(tmp_path, kind):
     """Both ranks get identical averages; Σ decompressed + mean error = Σ true means (error feedback loses
     nothing); the state dict resumes exactly; fewer bytes than fp32."""
-    mp.start_processes(_worker, args=(2, _port(), kind, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    # Fresh interpreters: this pytest process may already hold a default process group from other tests.
+    port = str(_port())
+    procs = [subprocess.Popen([sys.executable, __file__, str(r), "2", port, kind, str(tmp_path)],
+                              env=dict(os.environ, OMP_NUM_THREADS="1")) for r in (0, 1)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
     r0, r1 = (torch.load(tmp_path / f"r{i}.pt") for i in (0, 1))
     assert all(torch.equal(a, b) for a, b in zip(r0["outs"], r1["outs"]))
     assert torch.allclose(r0["sum_out"] + r0["mean_err"], r0["true_sum"], atol=1e-4)
@@ -77,3 +82,7 @@ def test_orthogonalise_is_stable_for_rank_deficient_16bit_input():
     q = orthogonalise(p)
     assert q.isfinite().all()
     assert torch.allclose(q.t() @ q, torch.eye(4), atol=1e-4)
+
+
+if __name__ == "__main__":  # one rank of test_error_feedback_replicas_and_state
+    _worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
