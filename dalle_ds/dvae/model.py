@@ -55,56 +55,41 @@ def _post_gain(cfg: DVAEConfig) -> float:
     return 1.0 / (cfg.n_groups * cfg.n_blk_per_group) ** 2
 
 
-class EncoderBlock(nn.Module):
-    """Bottleneck resblock: skip + post_gain * (ReLU-3x3-ReLU-3x3-ReLU-3x3-ReLU-1x1), width n_out / 4."""
+class _BottleneckBlock(nn.Module):
+    """skip + post_gain * (ReLU-conv x4) with bottleneck width n_out / 4; `kernels` are the four conv sizes.
+    Module names follow the official release so its weights load by key."""
+
+    KERNELS: tuple[int, int, int, int] = (3, 3, 3, 1)
 
     def __init__(self, n_in: int, n_out: int, post_gain: float) -> None:
         super().__init__()
         if n_out % 4 != 0:
-            raise ValueError(f"EncoderBlock: n_out must be a multiple of 4 (bottleneck n_out/4), got {n_out}")
+            raise ValueError(f"{type(self).__name__}: n_out must be a multiple of 4 (bottleneck n_out/4), "
+                             f"got {n_out}")
         self.n_in, self.n_out, self.n_hid = n_in, n_out, n_out // 4
         self.post_gain = post_gain
-        h = self.n_hid
+        widths = (n_in, self.n_hid, self.n_hid, self.n_hid, n_out)
         self.id_path = Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
         self.res_path = nn.Sequential()
-        self.res_path.add_module("relu_1", nn.ReLU())
-        self.res_path.add_module("conv_1", Conv2d(n_in, h, 3))
-        self.res_path.add_module("relu_2", nn.ReLU())
-        self.res_path.add_module("conv_2", Conv2d(h, h, 3))
-        self.res_path.add_module("relu_3", nn.ReLU())
-        self.res_path.add_module("conv_3", Conv2d(h, h, 3))
-        self.res_path.add_module("relu_4", nn.ReLU())
-        self.res_path.add_module("conv_4", Conv2d(h, n_out, 1))
+        for i, k in enumerate(self.KERNELS):
+            self.res_path.add_module(f"relu_{i + 1}", nn.ReLU())
+            self.res_path.add_module(f"conv_{i + 1}", Conv2d(widths[i], widths[i + 1], k))
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (B, n_in, h, w) -> (B, n_out, h, w)
         return self.id_path(x) + self.post_gain * self.res_path(x)
 
 
-class DecoderBlock(nn.Module):
-    """Bottleneck resblock: skip + post_gain * (ReLU-1x1-ReLU-3x3-ReLU-3x3-ReLU-3x3), width n_out / 4."""
+class EncoderBlock(_BottleneckBlock):
+    """Encoder resblock: skip + post_gain * (ReLU-3x3-ReLU-3x3-ReLU-3x3-ReLU-1x1)."""
 
-    def __init__(self, n_in: int, n_out: int, post_gain: float) -> None:
-        super().__init__()
-        if n_out % 4 != 0:
-            raise ValueError(f"DecoderBlock: n_out must be a multiple of 4 (bottleneck n_out/4), got {n_out}")
-        self.n_in, self.n_out, self.n_hid = n_in, n_out, n_out // 4
-        self.post_gain = post_gain
-        h = self.n_hid
-        self.id_path = Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
-        self.res_path = nn.Sequential()
-        self.res_path.add_module("relu_1", nn.ReLU())
-        self.res_path.add_module("conv_1", Conv2d(n_in, h, 1))
-        self.res_path.add_module("relu_2", nn.ReLU())
-        self.res_path.add_module("conv_2", Conv2d(h, h, 3))
-        self.res_path.add_module("relu_3", nn.ReLU())
-        self.res_path.add_module("conv_3", Conv2d(h, h, 3))
-        self.res_path.add_module("relu_4", nn.ReLU())
-        self.res_path.add_module("conv_4", Conv2d(h, n_out, 3))
+    KERNELS = (3, 3, 3, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        # x: (B, n_in, h, w) -> (B, n_out, h, w)
-        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+class DecoderBlock(_BottleneckBlock):
+    """Decoder resblock: skip + post_gain * (ReLU-1x1-ReLU-3x3-ReLU-3x3-ReLU-3x3)."""
+
+    KERNELS = (1, 3, 3, 3)
 
 
 class Encoder(nn.Module):
