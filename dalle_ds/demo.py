@@ -39,6 +39,7 @@ def run_demo(cfg: ExperimentConfig, out_dir: str | Path, *, num_captions: int = 
 
     t = time.perf_counter()
     dvae, _ = load_dvae(out / "dvae" / "dvae.pt", cfg)
+    ceiling = dvae_ceiling(dvae, cfg)
     encode_to_disk(dvae, cfg, out / "tokens")
     times["encode_s"] = time.perf_counter() - t
 
@@ -66,6 +67,8 @@ def run_demo(cfg: ExperimentConfig, out_dir: str | Path, *, num_captions: int = 
         "heldout_position_accuracy": acc["position"],
         "heldout_samples": len(images),
         "dvae_recon_psnr": dvae_summary["recon_psnr"],
+        # the checker on the dVAE's own reconstructions of validation images: the prior's ceiling
+        "dvae_recon_composition_accuracy": ceiling,
         "prior_val_loss_text": prior_summary["val_loss_text"],
         "prior_val_loss_image": prior_summary["val_loss_image"],
         "dvae_steps": dvae_summary["step"],
@@ -74,6 +77,23 @@ def run_demo(cfg: ExperimentConfig, out_dir: str | Path, *, num_captions: int = 
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def dvae_ceiling(dvae, cfg: ExperimentConfig, n: int = 256) -> float:
+    """Fraction of validation images whose encode -> decode reconstruction the checker still reads right
+    (colour and shape): no prior can draw better than its dVAE renders."""
+    import torch  # noqa: PLC0415
+
+    from dalle_ds.data.sources import image_dataset  # noqa: PLC0415
+    from dalle_ds.eval.composition import composition_accuracy  # noqa: PLC0415
+
+    val = image_dataset(cfg.data, "val")
+    items = [val[i] for i in range(min(n, len(val)))]
+    with torch.no_grad():
+        x = torch.stack([it["image"] for it in items]).float() / 255          # (N, 3, H, W)
+        recon = (dvae.decode(dvae.encode(x)) * 255).round().to(torch.uint8)   # (N, 3, H, W)
+    return composition_accuracy(list(recon.permute(0, 2, 3, 1).numpy()), [it["caption"] for it in items])[
+        "colour_and_shape"]
 
 
 def main(argv: list[str] | None = None) -> None:
