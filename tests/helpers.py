@@ -34,3 +34,16 @@ def write_ds_config(path: Path, *, micro: int, stage: int, accum: int = 1) -> Pa
                                         contiguous_gradients=False)
     path.write_text(json.dumps(cfg))
     return path
+
+
+def layout_id(p) -> str:
+    """pytest id for a (kind, transposed) layout pair."""
+    return f"{p[0]}{'-T' if p[1] else ''}"
+
+
+def run_with_grads(fn, q, k, v, g) -> list:
+    """[out, dq, dk, dv] of fn on fresh leaves, backpropagating g."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    o = fn(q, k, v)
+    o.backward(g)
+    return [o.detach(), q.grad, k.grad, v.grad]

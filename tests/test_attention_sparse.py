@@ -5,6 +5,8 @@ import dataclasses
 import pytest
 import torch
 
+from helpers import layout_id, run_with_grads
+
 from dalle_ds import attention
 from dalle_ds.attention_sparse import block_sparse_attention, build_plan, get_plan, sparse_attention
 from dalle_ds.config import get_preset
@@ -17,25 +19,7 @@ LAYOUTS = [("row", False), ("column", False), ("column", True), ("conv", False),
 SHAPES = [(256, 8, 5), (77, 8, 5), (13, 4, 3)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small problems: one intra-op thread is faster and does not fight other jobs for the 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _ids(p):
-    return f"{p[0]}{'-T' if p[1] else ''}"
-
-
-def run(fn, q, k, v, g):
-    """[out, dq, dk, dv] of fn on fresh leaves."""
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    o = fn(q, k, v)
-    o.backward(g)
-    return [o.detach(), q.grad, k.grad, v.grad]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def inputs(L, dtype, B=2, H=2, D=16, seed=0):
@@ -57,7 +41,7 @@ def plan_for(spec, permuted, block=16):
     return build_plan(block_layout(spec, block, permuted=permuted))
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=_ids)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"T{s[0]}G{s[1]}")
 def test_fp32_output_and_grads_match_float64_reference(layout, shape):
     """fp32 outputs and dQ/dK/dV are within 2x the error of plain fp32 PyTorch attention, vs float64."""
@@ -67,13 +51,13 @@ def test_fp32_output_and_grads_match_float64_reference(layout, shape):
     L = spec.seq_len
     mask = plan.layout.dense_element_mask()[:L, :L]
     q, k, v, g = inputs(L, torch.float32)
-    want = run(lambda a, b, c: reference_attention(a, b, c, mask), q.double(), k.double(), v.double(), g.double())
-    base = run(lambda a, b, c: reference_attention(a, b, c, mask, dtype=torch.float32), q, k, v, g)
-    got = run(lambda a, b, c: block_sparse_attention(a, b, c, plan), q, k, v, g)
+    want = run_with_grads(lambda a, b, c: reference_attention(a, b, c, mask), q.double(), k.double(), v.double(), g.double())
+    base = run_with_grads(lambda a, b, c: reference_attention(a, b, c, mask, dtype=torch.float32), q, k, v, g)
+    got = run_with_grads(lambda a, b, c: block_sparse_attention(a, b, c, plan), q, k, v, g)
     assert_within_2x_baseline(got, base, want, torch.float32)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=_ids)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
 def test_float64_is_exact_up_to_rounding(layout):
     """In float64 the block-sparse result equals the dense reference to 1e-12 (same function)."""
     kind, permuted = layout
@@ -82,14 +66,14 @@ def test_float64_is_exact_up_to_rounding(layout):
     L = spec.seq_len
     mask = plan.layout.dense_element_mask()[:L, :L]
     q, k, v, g = inputs(L, torch.float64)
-    want = run(lambda a, b, c: reference_attention(a, b, c, mask), q, k, v, g)
-    got = run(lambda a, b, c: block_sparse_attention(a, b, c, plan), q, k, v, g)
+    want = run_with_grads(lambda a, b, c: reference_attention(a, b, c, mask), q, k, v, g)
+    got = run_with_grads(lambda a, b, c: block_sparse_attention(a, b, c, plan), q, k, v, g)
     for a, w in zip(got, want):
         torch.testing.assert_close(a, w, rtol=0, atol=1e-12)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", LAYOUTS, ids=_ids)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
 @pytest.mark.parametrize("T", [256, 77])
 def test_fp32_matches_reference_paper_grid(layout, T):
     """The same check at a 32x32 grid (L = T + 1024) with 32-token tiles."""
@@ -99,9 +83,9 @@ def test_fp32_matches_reference_paper_grid(layout, T):
     L = spec.seq_len
     mask = plan.layout.dense_element_mask()[:L, :L]
     q, k, v, g = inputs(L, torch.float32, B=1, H=2, D=32)
-    want = run(lambda a, b, c: reference_attention(a, b, c, mask), q.double(), k.double(), v.double(), g.double())
-    base = run(lambda a, b, c: reference_attention(a, b, c, mask, dtype=torch.float32), q, k, v, g)
-    got = run(lambda a, b, c: block_sparse_attention(a, b, c, plan), q, k, v, g)
+    want = run_with_grads(lambda a, b, c: reference_attention(a, b, c, mask), q.double(), k.double(), v.double(), g.double())
+    base = run_with_grads(lambda a, b, c: reference_attention(a, b, c, mask, dtype=torch.float32), q, k, v, g)
+    got = run_with_grads(lambda a, b, c: block_sparse_attention(a, b, c, plan), q, k, v, g)
     assert_within_2x_baseline(got, base, want, torch.float32)
 
 
@@ -111,8 +95,8 @@ def test_backend_equals_dense_backend_within_1e5_at_paper_shape(kind):
     at 256 + 32x32 tokens, head size 64: outputs and gradients. The column layer runs transposed."""
     spec = MaskSpec(kind, 256, 32, 11)
     q, k, v, g = inputs(spec.seq_len, torch.float32, B=1, H=2, D=64)
-    dense = run(lambda a, b, c: attention.attend(a, b, c, spec, backend="dense"), q, k, v, g)
-    sparse = run(lambda a, b, c: attention.attend(a, b, c, spec, backend="sparse"), q, k, v, g)
+    dense = run_with_grads(lambda a, b, c: attention.attend(a, b, c, spec, backend="dense"), q, k, v, g)
+    sparse = run_with_grads(lambda a, b, c: attention.attend(a, b, c, spec, backend="sparse"), q, k, v, g)
     for a, b in zip(sparse, dense):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
@@ -148,8 +132,8 @@ def test_merged_and_unmerged_groups_agree(kind):
     merged, single = build_plan(lay, merge=True), build_plan(lay, merge=False)
     assert len(merged.groups) < len(single.groups)
     q, k, v, g = inputs(spec.seq_len, torch.float64)
-    for a, b in zip(run(lambda x, y, z: block_sparse_attention(x, y, z, merged), q, k, v, g),
-                    run(lambda x, y, z: block_sparse_attention(x, y, z, single), q, k, v, g)):
+    for a, b in zip(run_with_grads(lambda x, y, z: block_sparse_attention(x, y, z, merged), q, k, v, g),
+                    run_with_grads(lambda x, y, z: block_sparse_attention(x, y, z, single), q, k, v, g)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
@@ -171,8 +155,8 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
     spec = MaskSpec("conv", 77, 8, 5)
     q, k, v, g = inputs(spec.seq_len, torch.float64)
-    plain = run(lambda a, b, c: sparse_attention(a, b, c, spec), q, k, v, g)
-    ckpt = run(lambda a, b, c: checkpoint(sparse_attention, a, b, c, spec, use_reentrant=False), q, k, v, g)
+    plain = run_with_grads(lambda a, b, c: sparse_attention(a, b, c, spec), q, k, v, g)
+    ckpt = run_with_grads(lambda a, b, c: checkpoint(sparse_attention, a, b, c, spec, use_reentrant=False), q, k, v, g)
     for a, b in zip(ckpt, plain):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
@@ -182,8 +166,8 @@ def test_half_precision_inputs_keep_their_dtype(dtype):
     """bf16 / fp16 inputs are computed in fp32 and returned (with their gradients) in their dtype."""
     spec = MaskSpec("row", 77, 8, 5)
     q, k, v, g = inputs(spec.seq_len, dtype)
-    got = run(lambda a, b, c: sparse_attention(a, b, c, spec), q, k, v, g)
-    ref = run(lambda a, b, c: sparse_attention(a, b, c, spec), q.float(), k.float(), v.float(), g.float())
+    got = run_with_grads(lambda a, b, c: sparse_attention(a, b, c, spec), q, k, v, g)
+    ref = run_with_grads(lambda a, b, c: sparse_attention(a, b, c, spec), q.float(), k.float(), v.float(), g.float())
     for a, r in zip(got, ref):
         assert a.dtype == dtype
         torch.testing.assert_close(a.float(), r, rtol=0, atol=4 * torch.finfo(dtype).eps * r.abs().max().item())

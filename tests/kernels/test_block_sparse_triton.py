@@ -9,6 +9,8 @@ import os
 
 import torch
 
+from helpers import layout_id, run_with_grads
+
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -39,24 +41,7 @@ def _triton_backend():
     yield
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _ids(p):
-    return f"{p[0]}{'-T' if p[1] else ''}"
-
-
-def run(fn, q, k, v, g):
-    """[out, dq, dk, dv] of fn on fresh leaves."""
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    o = fn(q, k, v)
-    o.backward(g)
-    return [o.detach(), q.grad, k.grad, v.grad]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def inputs(L, dtype, B=1, H=2, D=16, seed=0):
@@ -79,16 +64,16 @@ def check_against_reference(spec, permuted, block, dtype, **kw):
     L = spec.seq_len
     mask = lay.dense_element_mask()[:L, :L].to(DEVICE)
     q, k, v, g = inputs(L, dtype, **kw)
-    want = run(lambda a, b, c: reference_attention(a, b, c, mask), q.double(), k.double(), v.double(), g.double())
-    base = run(lambda a, b, c: reference_attention(a, b, c, mask, dtype=dtype), q, k, v, g)
-    got = run(lambda a, b, c: bsa.block_sparse_attention(a, b, c, lay), q, k, v, g)
+    want = run_with_grads(lambda a, b, c: reference_attention(a, b, c, mask), q.double(), k.double(), v.double(), g.double())
+    base = run_with_grads(lambda a, b, c: reference_attention(a, b, c, mask, dtype=dtype), q, k, v, g)
+    got = run_with_grads(lambda a, b, c: bsa.block_sparse_attention(a, b, c, lay), q, k, v, g)
     for t in got:
         assert t.dtype == dtype
     assert_within_2x_baseline(got, base, want, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS, ids=_ids)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"T{s[0]}G{s[1]}b{s[3]}")
 def test_output_and_grads_match_float64_reference(shape, layout, dtype):
     """Forward and backward kernels: out, dQ, dK, dV within 2x plain PyTorch attention's error (same
@@ -100,7 +85,7 @@ def test_output_and_grads_match_float64_reference(shape, layout, dtype):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS, ids=_ids)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
 @pytest.mark.parametrize("T", [256, 77])
 def test_output_and_grads_match_float64_reference_paper_grid(T, layout, dtype):
     """The same at a 32x32 image grid (L = T + 1024) with 32-token tiles."""
@@ -114,8 +99,8 @@ def test_rectangular_and_large_tiles(blocks):
     lay = layout_on(MaskSpec("conv", 77, 8, 5), DEVICE, *blocks)
     L = lay.seq_len
     q, k, v, g = inputs(L, torch.float32)
-    want = run(lambda a, b, c: bsa.reference(a, b, c, lay), q.double(), k.double(), v.double(), g.double())
-    got = run(lambda a, b, c: bsa.block_sparse_attention(a, b, c, lay), q, k, v, g)
+    want = run_with_grads(lambda a, b, c: bsa.reference(a, b, c, lay), q.double(), k.double(), v.double(), g.double())
+    got = run_with_grads(lambda a, b, c: bsa.block_sparse_attention(a, b, c, lay), q, k, v, g)
     for a, w in zip(got, want):
         torch.testing.assert_close(a.double(), w, rtol=0, atol=2e-5)
 
@@ -124,8 +109,8 @@ def test_head_dim_that_is_not_a_power_of_two():
     """Head size 24 is padded to 32 inside the kernel (masked loads) and gives the right answer."""
     lay = layout_on(MaskSpec("row", 13, 4, 3), DEVICE, 16)
     q, k, v, g = inputs(lay.seq_len, torch.float32, D=24)
-    want = run(lambda a, b, c: bsa.reference(a, b, c, lay), q.double(), k.double(), v.double(), g.double())
-    got = run(lambda a, b, c: bsa.block_sparse_attention(a, b, c, lay), q, k, v, g)
+    want = run_with_grads(lambda a, b, c: bsa.reference(a, b, c, lay), q.double(), k.double(), v.double(), g.double())
+    got = run_with_grads(lambda a, b, c: bsa.block_sparse_attention(a, b, c, lay), q, k, v, g)
     for a, w in zip(got, want):
         torch.testing.assert_close(a.double(), w, rtol=0, atol=2e-5)
 
@@ -146,9 +131,9 @@ def test_backend_equals_sparse_and_dense_backends(kind):
     """attend(backend="triton") (column layer transposed) equals the sparse and dense backends."""
     spec = MaskSpec(kind, 77, 8, 5)
     q, k, v, g = inputs(spec.seq_len, torch.float32)
-    tri = run(lambda a, b, c: attention.attend(a, b, c, spec, backend="triton"), q, k, v, g)
+    tri = run_with_grads(lambda a, b, c: attention.attend(a, b, c, spec, backend="triton"), q, k, v, g)
     for other in ("sparse", "dense"):
-        ref = run(lambda a, b, c: attention.attend(a, b, c, spec, backend=other), q, k, v, g)
+        ref = run_with_grads(lambda a, b, c: attention.attend(a, b, c, spec, backend=other), q, k, v, g)
         for a, b in zip(tri, ref):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 

@@ -11,14 +11,7 @@ from dalle_ds.prior.masks import MaskSpec, dense_mask, layer_kinds
 from dalle_ds.prior.model import Prior
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and avoids OpenMP spin-waits when the 2 cores are
-    shared with other jobs (seen to slow these tests 100x). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_prior_cfg(**kw):
