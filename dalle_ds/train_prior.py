@@ -13,6 +13,7 @@ if __package__ in (None, ""):  # run as a file (deepspeed launcher): import the 
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse
+import math
 
 import torch
 
@@ -32,7 +33,6 @@ from dalle_ds.training.loop import LoopConfig, fit
 def lr_factor(step: int, t: PriorTrainConfig) -> float:
     """Linear warm-up (PAPER §3.6), then cosine decay to lr_end_ratio: a smooth stand-in for the paper's
     manual halving on plateaus, which needs a human watching the loss."""
-    import math  # noqa: PLC0415
 
     if step < t.warmup_steps:
         return (step + 1) / t.warmup_steps
