@@ -33,7 +33,6 @@ from dalle_ds.training.loop import LoopConfig, fit
 def lr_factor(step: int, t: PriorTrainConfig) -> float:
     """Linear warm-up (PAPER §3.6), then cosine decay to lr_end_ratio: a smooth stand-in for the paper's
     manual halving on plateaus, which needs a human watching the loss."""
-
     if step < t.warmup_steps:
         return (step + 1) / t.warmup_steps
     frac = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
