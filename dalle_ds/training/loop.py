@@ -16,7 +16,8 @@ from dalle_ds.training.ema import EMA
 from dalle_ds.training.engine import global_batch, grad_accum, micro_batch
 from dalle_ds.training.metrics import MetricsLogger
 
-# loss_fn(module, indices, step) -> (loss, stats, tokens): one micro-batch forward.
+# loss_fn(module, indices, step) -> (loss, stats, tokens): one micro-batch forward. With a streaming
+# `order` (data/stream.py) the "indices" are the items themselves.
 LossFn = Callable[[torch.nn.Module, list, int], tuple]
 
 
@@ -73,21 +74,22 @@ class _TermFlag:
         return bool(t.item() > 0)
 
 
-def fit(engine, *, loss_fn: LossFn, num_items: int, ds_cfg: dict, out_dir: str | Path, loop: LoopConfig,
+def fit(engine, *, loss_fn: LossFn, num_items: int = 0, ds_cfg: dict, out_dir: str | Path, loop: LoopConfig,
         ema: EMA | None = None, eval_fn: Callable[[torch.nn.Module], dict] | None = None,
         schedule_fn: Callable[[int], dict] | None = None, resume: bool = True, grad_scaler=None,
-        ema_every: int = 1, extra_state: dict | None = None) -> LoopResult:
+        ema_every: int = 1, extra_state: dict | None = None, order=None) -> LoopResult:
     """Run `loop.steps` optimizer steps of `engine`, resuming from `out_dir/checkpoints` if present.
 
     `grad_scaler` (training/grad_scaling.py, already attached to the engine) and `extra_state`
     (name -> object with state_dict/load_state_dict, e.g. a gradient compressor) are checkpointed in
     client_state. SIGTERM saves a checkpoint at the end of the current step and returns with
-    `interrupted=True`.
+    `interrupted=True`. `order` replaces the DataOrder over `num_items` (same `micro_batch` call), e.g. a
+    StreamOrder, which the caller also passes in `extra_state` so its position is checkpointed.
     """
     extra_state = dict(extra_state or {})
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
-    order = DataOrder(num_items, loop.seed)
+    order = order if order is not None else DataOrder(num_items, loop.seed)
     gb, micro, accum, world, r = global_batch(ds_cfg), micro_batch(ds_cfg), grad_accum(ds_cfg), world_size(), rank()
 
     start = 0
