@@ -7,7 +7,7 @@ palette, 16-bit) and filtered by aspect ratio. Unusable records are skipped and 
 counts are in `dataset.report` (a PassReport) and logged by the training entry points. The kept indices
 are then read in any order by the training loop's DataOrder (resumable by position, sharded across ranks).
 The pass decodes every image once; for data too large for that, use `stream_items` (data.streaming), which
-decodes, filters and counts on the fly.
+decodes, filters and counts on the fly (train_dvae reads it through data/stream.py's StreamOrder).
 
 `purpose` picks the preprocessing (PAPER §1.4): "dvae" = Listing 1 (random crop, area resize, flip),
 "prior" = Listing 2 (near-centre crop, no flip); random draws are seeded by (seed, item, access count).
@@ -94,18 +94,22 @@ class CleanImageDataset(Dataset):
 
 
 def stream_items(cfg: DataConfig, split: str, purpose: str = "prior", *, rank: int = 0, world: int = 1,
-                 start: int = 0, report: PassReport | None = None):
+                 start: int = 0, report: PassReport | None = None, epoch: int = 0):
     """Iterate (position, item) over rank `rank`'s shard of a split, decoding, filtering and counting on the fly.
 
     Records are dealt round-robin over ranks (record n goes to rank n % world). `position` counts the raw
     records of this rank's shard consumed so far (kept or not); pass it back as `start` to resume after
-    the last item handled. Works for map-style and streaming sources alike.
+    the last item handled. Works for map-style and streaming sources alike. `epoch` reseeds the random
+    preprocessing, so a second pass over the shard sees other crops and flips.
     """
     records, exact = raw_records(cfg, split)
     report = report if report is not None else PassReport()
-    mine = itertools.islice(iter(records), rank, None, world)
+    if getattr(records, "streaming", False):
+        mine = itertools.islice(iter(records), rank + start * world, None, world)
+    else:  # map-style: index this rank's records, without reading (and dropping) the other ranks' bytes
+        mine = (records[i] for i in range(rank, len(records), world)[start:])
     pos = start
-    for n, rec in enumerate(itertools.islice(mine, start, None)):
+    for n, rec in enumerate(mine):
         pos = start + n + 1
         if not exact and split_of(rec["key"], cfg.val_fraction) != split:
             continue
@@ -113,7 +117,7 @@ def stream_items(cfg: DataConfig, split: str, purpose: str = "prior", *, rank: i
         if out is None:
             continue
         pixels, caption = out
-        rng = np.random.default_rng([cfg.seed, zlib.crc32(rec["key"].encode("utf-8", "replace"))])
+        rng = np.random.default_rng([cfg.seed, zlib.crc32(rec["key"].encode("utf-8", "replace")), epoch])
         yield pos, {"key": rec["key"], "image": PREPROCESS[purpose](pixels, cfg.image_size, rng), "caption": caption}
 
 
@@ -126,8 +130,8 @@ def image_dataset(cfg: DataConfig, split: str, purpose: str = "dvae") -> Dataset
         return ShapesDataset(split=split, size=size, image_size=cfg.image_size, seed=cfg.seed,
                              two_shape_prob=cfg.two_shape_prob)
     if cfg.streaming:
-        raise ConfigError("data.streaming: training reads a map-style dataset; stream with `dalle-ds encode` "
-                          "instead and train the prior from the encoded tokens, or set data.streaming=false")
+        raise ConfigError("data.streaming: this entry point reads a map-style dataset; train_dvae and "
+                          "`dalle-ds encode` stream (data/stream.py), or set data.streaming=false")
     from dalle_ds.config import DATASETS  # noqa: PLC0415
 
     if cfg.dataset not in DATASETS:

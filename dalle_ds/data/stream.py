@@ -1,0 +1,93 @@
+"""Training micro-batches read from a stream (data.streaming): data larger than memory, no pass up front.
+
+`fit` (training/loop.py) asks its order for each micro-batch in turn. DataOrder (order.py) answers with
+indices into a map-style dataset; StreamOrder answers with the items themselves, read on the fly from this
+rank's shard by `stream_items` (record n goes to rank n % world; decoded, converted, filtered and counted).
+
+The order is sequential, so the state is small: epoch, raw position in the shard, items handed out, the pass
+counts and a running digest of the keys read. `fit` checkpoints it per rank (extra_state), and a resumed run
+reads exactly the items an uninterrupted run would have read next. At the end of its shard a rank starts the
+next epoch over it (other random crops and flips). There is no shuffle buffer: items come in source order
+(shuffle webdataset shards when writing them).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from dalle_ds.config import ConfigError, DataConfig
+from dalle_ds.data.report import PassReport
+from dalle_ds.data.sources import stream_items
+
+log = logging.getLogger(__name__)
+
+
+def chain_digest(digest: str, key: str) -> str:
+    """Running fingerprint of the keys read so far, in order (equal digests = the same items read)."""
+    return hashlib.blake2b(f"{digest}\0{key}".encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+class StreamOrder:
+    """Sequential per-rank micro-batches of {"key", "image", "caption"} with a checkpointable position."""
+
+    def __init__(self, cfg: DataConfig, split: str = "train", purpose: str = "dvae", *, rank: int = 0,
+                 world: int = 1):
+        self.cfg, self.split, self.purpose, self.rank, self.world = cfg, split, purpose, rank, world
+        self.epoch, self.position, self.items, self.keys_digest = 0, 0, 0, ""
+        self.report = PassReport()
+        self._it = None
+        self._epoch_empty = False
+
+    def state_dict(self) -> dict:
+        return {"rank": self.rank, "world": self.world, "epoch": self.epoch, "position": self.position,
+                "items": self.items, "keys_digest": self.keys_digest, "report": self.report.as_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["rank"], state["world"]) != (self.rank, self.world):
+            raise ValueError(f"stream checkpoint of rank {state['rank']}/{state['world']} cannot resume rank "
+                             f"{self.rank}/{self.world}: the shards differ; resume with the same number of ranks")
+        self.epoch, self.position, self.items = state["epoch"], state["position"], state["items"]
+        self.keys_digest, self.report = state["keys_digest"], PassReport.from_dict(state["report"])
+        self._it = None  # reopen at the restored position on the next read
+
+    def _next_item(self) -> dict:
+        while True:
+            if self._it is None:
+                self._epoch_empty = self.position == 0  # stays True until this pass yields an item
+                self._it = stream_items(self.cfg, self.split, self.purpose, rank=self.rank, world=self.world,
+                                        start=self.position, report=self.report, epoch=self.epoch)
+            nxt = next(self._it, None)
+            if nxt is not None:
+                self.position, item = nxt
+                self._epoch_empty = False
+                return item
+            if self._epoch_empty:
+                raise ConfigError(f"data.path: rank {self.rank} of {self.world} has no usable {self.split} records "
+                                  f"in {self.cfg.path} ({self.report.summary()})")
+            log.info("rank %d finished epoch %d of its %s stream: %s", self.rank, self.epoch, self.split,
+                     self.report.summary())
+            self.epoch, self.position, self._it = self.epoch + 1, 0, None
+
+    def micro_batch(self, step: int, *, global_batch: int, micro: int, accum_index: int, rank: int,
+                    world: int) -> list[dict]:
+        """The next `micro` items of this rank's stream: the micro-batch `accum_index` of step `step`."""
+        expected = (step * (global_batch // (micro * world)) + accum_index) * micro
+        if expected != self.items or (rank, world) != (self.rank, self.world):
+            raise RuntimeError(f"stream order asked for step {step} micro-batch {accum_index} (item {expected}) "
+                               f"but has handed out {self.items} items: a stream is read in order only")
+        batch = [self._next_item() for _ in range(micro)]
+        for item in batch:
+            self.keys_digest = chain_digest(self.keys_digest, item["key"])
+        self.items += micro
+        return batch
+
+
+def first_items(cfg: DataConfig, split: str, limit: int, purpose: str = "dvae",
+                report: PassReport | None = None) -> list[dict]:
+    """The first `limit` usable items of a split (all of them if fewer), e.g. a fixed validation sample."""
+    out = []
+    for _, item in stream_items(cfg, split, purpose, report=report):
+        out.append(item)
+        if len(out) == limit:
+            break
+    return out
