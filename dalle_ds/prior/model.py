@@ -177,8 +177,13 @@ class Prior(nn.Module):
         self.blocks = nn.ModuleList(
             Layer(cfg, MaskSpec(kind, T, G, cfg.conv_kernel), i) for i, kind in enumerate(self.kinds))
         self.ln_f = nn.LayerNorm(D)
-        # one head over the joint vocabulary [text ids | pad ids | image ids], applied in fp32
-        self.head = nn.Linear(D, self.text_vocab + self.image_vocab)
+        # One head over the joint vocabulary [text ids | pad ids | image ids], applied in fp32. Tied, its
+        # weights are the input embeddings (only a bias of its own): the 12b preset does this, since the
+        # paper's 12.0 B leaves room for the 0.1 B of vocabulary matrices once, not twice.
+        if cfg.tie_embeddings:
+            self.head_bias = nn.Parameter(torch.zeros(self.text_vocab + self.image_vocab))
+        else:
+            self.head = nn.Linear(D, self.text_vocab + self.image_vocab)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -238,15 +243,26 @@ class Prior(nn.Module):
             x = layer(x, kv)
         return self.ln_f(x)  # (B, L, D)
 
+    def _head(self, image: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight (V, D) and bias (V,) of the text (Vt + T ids) or the image (Vi ids) part of the head."""
+        Vt = self.text_vocab
+        if self.cfg.tie_embeddings:
+            weight = self.img_tok_emb.weight if image else self.tok_emb.weight
+            bias = self.head_bias
+        else:
+            weight = self.head.weight[Vt:] if image else self.head.weight[:Vt]
+            bias = self.head.bias
+        return weight, bias[Vt:] if image else bias[:Vt]
+
     def _text_logits(self, h: torch.Tensor) -> torch.Tensor:
         """(B, n, D) at text positions -> (B, n, Vt + T) in fp32."""
-        Vt = self.text_vocab
-        return F.linear(h.float(), self.head.weight[:Vt].float(), self.head.bias[:Vt].float())
+        weight, bias = self._head(image=False)
+        return F.linear(h.float(), weight.float(), bias.float())
 
     def _image_logits(self, h: torch.Tensor) -> torch.Tensor:
         """(B, n, D) at image positions -> (B, n, Vi) in fp32."""
-        Vt = self.text_vocab
-        return F.linear(h.float(), self.head.weight[Vt:].float(), self.head.bias[Vt:].float())
+        weight, bias = self._head(image=True)
+        return F.linear(h.float(), weight.float(), bias.float())
 
     def _check(self, text: torch.Tensor, image: torch.Tensor | None, full: bool) -> None:
         if text.dim() != 2 or text.shape[1] != self.text_len:
@@ -281,7 +297,7 @@ class Prior(nn.Module):
     def init_cache(self, batch_size: int, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> KVCache:
         """An empty cache for `batch_size` sequences (defaults: the parameters' device and dtype)."""
-        p = self.head.weight
+        p = self.blocks[0].attn_branch.attn.qkv.weight  # what keys and values are computed in
         device = p.device if device is None else torch.device(device)
         dtype = p.dtype if dtype is None else dtype
         L, H, Dh = self.cfg.seq_len, self.cfg.n_heads, self.cfg.head_dim

@@ -109,6 +109,43 @@ def test_head_slices_are_separate():
     assert torch.equal(il2, il3) and not torch.allclose(tl2, tl3)
 
 
+def test_tied_head_is_the_embeddings_and_learns_through_both_uses():
+    """With tie_embeddings the logits are h @ E^T + bias for the text (tok_emb) and image (img_tok_emb)
+    tables, against an independent recomputation from the final hidden states; the loss gradient of
+    each table is the sum of its input-side and output-side parts; there is no separate head matrix."""
+    cfg = tiny_prior_cfg(tie_embeddings=True)
+    model = make(cfg)
+    assert not hasattr(model, "head")
+    untied = Prior(tiny_prior_cfg())
+    Vt = cfg.text_vocab_size + cfg.text_len
+    assert untied.num_params() - model.num_params() == (Vt + cfg.image_vocab_size) * cfg.d_model
+    text, image = random_batch(cfg)
+    with torch.no_grad():
+        model.head_bias.normal_()
+    tl, il = model.logits(text, image)
+    h = model._trunk(model._embed_prefix(text, image[:, :-1])).double()  # (B, T + N, D)
+    T = cfg.text_len
+    ref_t = h[:, :T] @ model.tok_emb.weight.double().T + model.head_bias[:Vt].double()
+    ref_i = h[:, T:] @ model.img_tok_emb.weight.double().T + model.head_bias[Vt:].double()
+    torch.testing.assert_close(tl.double(), ref_t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(il.double(), ref_i, rtol=1e-5, atol=1e-5)
+
+    # output-side gradient of the image table alone: d loss / d E_img through the logits only
+    model.zero_grad()
+    loss, _ = model(text, image)
+    loss.backward()
+    full = model.img_tok_emb.weight.grad.clone()
+    with torch.no_grad():
+        hi = model._trunk(model._embed_prefix(text, image[:, :-1]))[:, T:]  # (B, N, D)
+    w = model.img_tok_emb.weight.detach().clone().requires_grad_()
+    out = F.cross_entropy((hi.float() @ w.T + model.head_bias[Vt:].detach()).flatten(0, 1), image.flatten())
+    (g_out,) = torch.autograd.grad((1 - cfg.text_loss_weight) * out, w)
+    assert g_out.abs().sum() > 0 and not torch.allclose(full, g_out)  # the input side adds its own part
+    used = torch.zeros(cfg.image_vocab_size, dtype=torch.bool)
+    used[image[:, :-1].flatten()] = True                                # rows never read as inputs
+    torch.testing.assert_close(full[~used], g_out[~used], rtol=1e-4, atol=1e-7)
+
+
 def test_changing_image_token_never_changes_earlier_positions():
     """Image token r (input position T + r + 1) cannot change any logit at positions <= T + r."""
     cfg = tiny_prior_cfg()

@@ -14,15 +14,15 @@ def report():
 
 
 def test_parameter_count_is_exact_and_near_12b(report):
-    """Exact count = 64 layers x (12 d^2 + 13 d) + embeddings + head; the resblocks are within 1% of the
-    paper's 12.0B, the total (with the 24,832-way joint head and embeddings) within 2.5%."""
+    """Exact count = 64 layers x (12 d^2 + 13 d) + embeddings + the tied head's bias; the resblocks are
+    within 1% of the paper's 12.0B, the total within 2% (the issue's bound)."""
     d, L, T, Vt, Vi, G = 3968, 64, 256, 16384, 8192, 32
     blocks = L * (12 * d * d + 13 * d)
-    emb = d + (Vt + T) * d + T * d + Vi * d + 2 * G * d + 2 * d + (Vt + T + Vi) * (d + 1)
+    emb = d + (Vt + T) * d + T * d + Vi * d + 2 * G * d + 2 * d + (Vt + T + Vi)
     assert report["params"]["total"] == blocks + emb
     assert report["params"]["resblocks"] == blocks
     assert abs(report["params"]["vs_12B_resblocks"]) < 0.01
-    assert abs(report["params"]["vs_12B_total"]) < 0.025
+    assert abs(report["params"]["vs_12B_total"]) < 0.02
     assert (report["nodes"], report["gpus_per_node"], report["gpus"]) == (128, 8, 1024)
 
 
@@ -30,7 +30,8 @@ def test_agrees_with_deepspeed_estimator_and_paper_compression(report):
     e, net = report["deepspeed_estimator"], report["internode_bytes_per_node_per_step"]
     assert 0.9 < e["ratio"] < 1.1
     assert net["powersgd_rank_per_gpu"] == 112
-    assert abs(net["powersgd_ratio"] - 5 * 896 / (8 * 3968)) < 0.02  # PAPER §5.3: 1 - 5r/(8 d) ≈ 86% saved
+    # PAPER §5.3: 1 - 5r/(8 d) ≈ 86% saved; per-GPU shards at rank 112 send a little less (≈88%)
+    assert abs(net["powersgd_ratio"] - 5 * 896 / (8 * 3968)) < 0.03
     assert net["one_bit_ratio"] < 0.1
     act = report["per_gpu_bytes"]["activations"]
     assert act["checkpoint_every_layer"] < act["no_checkpointing"] / 4
