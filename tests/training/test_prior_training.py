@@ -16,18 +16,21 @@ def _losses(summary):
     return [h["loss"] for h in summary["history"]]
 
 
-def test_two_rank_zero3_matches_single_process(tmp_path, tiny_cfg):
+@pytest.mark.parametrize("tied", [False, True])
+def test_two_rank_zero3_matches_single_process(tmp_path, tiny_cfg, tied):
     """`deepspeed --num_gpus 2` (2 CPU ranks, ZeRO-3, micro-batch 4) gives the single-process loss curve
-    for the same global batch of 8."""
+    for the same global batch of 8, also with the output head tied to the embeddings (the 12b preset's
+    choice: ZeRO-3 must gather the embedding tables where the head reads them, outside their modules)."""
     data = make_encoded_dataset(tmp_path / "data", tiny_cfg)
     steps = 6
-    single = train_prior(apply_overrides(tiny_cfg, [f"prior_train.steps={steps}"]),
+    tie = f"prior.tie_embeddings={tied}"
+    single = train_prior(apply_overrides(tiny_cfg, [f"prior_train.steps={steps}", tie]),
                          ds_config=write_ds_config(tmp_path / "one.json", micro=8, stage=0),
                          data_dir=data, out_dir=tmp_path / "single", progress=False)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
            "--master_port", "29731", str(REPO / "tests/training/run_tiny_prior.py"), str(data),
-           str(tmp_path / "two"), str(write_ds_config(tmp_path / "z3.json", micro=4, stage=3)), str(steps)]
+           str(tmp_path / "two"), str(write_ds_config(tmp_path / "z3.json", micro=4, stage=3)), str(steps), tie]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "losses.json").read_text())
