@@ -25,6 +25,7 @@ import torch
 from dalle_ds.config import ExperimentConfig
 from dalle_ds.data.report import PassReport
 from dalle_ds.data.sources import image_dataset, stream_items
+from dalle_ds.data.tokens import TokenTable
 
 
 @torch.no_grad()
@@ -175,10 +176,9 @@ def encode_to_disk(dvae: torch.nn.Module, cfg: ExperimentConfig, out_dir: str | 
     return out_dir
 
 
-def load_encoded(path: str | Path, split: str):
-    """The encoded split with tokens as an int64 tensor for fast batch indexing."""
+def load_encoded(path: str | Path, split: str) -> tuple[list[str], TokenTable]:
+    """(captions, token grids): the grids stay uint16 in memory; indexing gives an int64 batch."""
     import datasets  # noqa: PLC0415
 
     ds = datasets.load_from_disk(str(_dataset_dir(Path(path))))[split]
-    tokens = torch.from_numpy(np.asarray(ds.with_format("numpy")["tokens"]).astype(np.int64))
-    return list(ds["caption"]), tokens
+    return list(ds["caption"]), TokenTable.from_column(ds.with_format("arrow")[:]["tokens"])
