@@ -3,9 +3,11 @@ bottleneck training of the `small` prior (loader time per step vs step time).
 
 Run with `pytest -m bench tests/data/test_bench_loader.py -s`. Writes bench_results/loader_throughput.json.
 The folder holds JPEGs of 640x480 (a typical web photo) with .txt captions; the target is the `small`
-preset's 128 px. One process, 1 thread (a DataLoader with 2 workers on 2 cores roughly doubles it).
+preset's 128 px. Rates: one process with 1 thread; a DataLoader with 2 worker processes (the 2 cores);
+and data.streaming's StreamOrder (decode + filter + preprocess on the fly, in the training process).
 The prior trains from pre-encoded tokens, so its per-step loading is tokenising captions + indexing the
-token table; the dVAE reads pixels, so its per-step loading is decode + Listing-1 preprocessing.
+uint16 token table (TokenTable, widened per batch); the dVAE reads pixels, so its per-step loading is
+decode + Listing-1 preprocessing.
 """
 import io
 import json
@@ -24,6 +26,12 @@ OUT = Path(__file__).resolve().parents[2] / "bench_results" / "loader_throughput
 N_IMAGES, MICRO = 48, 2
 
 
+def _rate(fn) -> float:
+    t0 = time.perf_counter()
+    n = fn()
+    return n / (time.perf_counter() - t0)
+
+
 def _photo(seed: int) -> bytes:
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, (15, 20, 3), np.uint8)  # smooth-ish content compresses like a photo
@@ -36,6 +44,8 @@ def _photo(seed: int) -> bytes:
 @pytest.mark.bench
 def test_bench_loader_vs_small_prior_step(tmp_path):
     from dalle_ds.data.sources import image_dataset
+    from dalle_ds.data.stream import StreamOrder
+    from dalle_ds.data.tokens import TokenTable
     from dalle_ds.prior.model import Prior
     from dalle_ds.tokenizer import CaptionTokenizer
 
@@ -56,11 +66,22 @@ def test_bench_loader_vs_small_prior_step(tmp_path):
         for i in range(N_IMAGES):
             ds[i]
         rows[f"{purpose}_images_per_s"] = N_IMAGES / (time.perf_counter() - t0)
+    ds.purpose = "dvae"
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2, collate_fn=list, persistent_workers=True)
+    sum(len(b) for b in loader)  # start the workers outside the timing
+    rows["dvae_images_per_s_2_workers"] = _rate(lambda: sum(len(b) for b in loader))
+    del loader
+    cfg.data.streaming = True
+    order = StreamOrder(cfg.data, "train", "dvae")
+    rows["dvae_stream_images_per_s"] = _rate(lambda: sum(
+        len(order.micro_batch(s, global_batch=8, micro=8, accum_index=0, rank=0, world=1))
+        for s in range(N_IMAGES // 8)))
 
     # the prior: loading = tokenise MICRO captions + index MICRO token grids
     p = cfg.prior
     tok = CaptionTokenizer.train([f"a photo of a small red car number {i}" for i in range(200)], cfg.tokenizer)
-    table = torch.randint(0, p.image_vocab_size, (10_000, p.image_len))
+    table = TokenTable(np.random.default_rng(0).integers(0, p.image_vocab_size, (10_000, p.image_len),
+                                                         dtype=np.uint16))
     caps = [f"a photo of a small red car number {i}" for i in range(10_000)]
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
