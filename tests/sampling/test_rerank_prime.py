@@ -1,7 +1,6 @@
 """Image-to-image priming, contrastive reranking (own model and the open_clip adapter), `dalle-ds sample` flags."""
 import json
-import sys
-import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,40 +101,19 @@ def test_own_contrastive_reranker_scores_and_trains(tiny_models):
     assert r.score(big, ["a red square"] * 5).shape == (5,)
 
 
-def test_open_clip_adapter_uses_local_checkpoint(tmp_path, monkeypatch):
-    """With an `open_clip` module present the adapter builds ARCH from the local file and scores by cosine;
-    without it (the pinned environment) it fails with a message naming the fix."""
-    from dalle_ds.sampling.rerank import OpenClipReranker, load_reranker
+def test_sample_cli_open_clip_reranker(tiny_models, tmp_path, capsys):
+    """`dalle-ds sample --open-clip CONFIG:CHECKPOINT` with the tiny open_clip fixture (tests/data/open_clip;
+    its equality with open_clip itself is tests/sampling/test_open_clip.py): kept scores are the best per caption."""
+    from dalle_ds.sample import main
 
-    monkeypatch.setitem(sys.modules, "open_clip", None)
-    ckpt = tmp_path / "clip.pt"
-    ckpt.write_bytes(b"x")
-    with pytest.raises(RuntimeError, match="open_clip_torch"):
-        load_reranker(open_clip=f"ViT-B-32:{ckpt}")
-    calls = {}
-
-    class Fake(torch.nn.Module):
-        def encode_image(self, x):
-            return x.flatten(1)[:, :3]
-
-        def encode_text(self, ids):
-            return ids.float()
-
-    def create(arch, pretrained, device):
-        calls.update(arch=arch, pretrained=pretrained)
-        return Fake(), None, lambda im: torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float()
-
-    fake = types.SimpleNamespace(create_model_and_transforms=create,
-                                 get_tokenizer=lambda arch: lambda caps: torch.tensor([[1.0, 0, 0]] * len(caps)))
-    monkeypatch.setitem(sys.modules, "open_clip", fake)
-    r = OpenClipReranker("ViT-B-32", str(ckpt))
-    assert calls == {"arch": "ViT-B-32", "pretrained": str(ckpt)}
-    imgs = np.zeros((2, 2, 2, 3), np.uint8)
-    imgs[0, 0, 0] = (255, 0, 0)
-    imgs[1, 0, 0] = (0, 255, 0)
-    assert r.score(imgs, ["x", "y"]).tolist() == pytest.approx([1.0, 0.0])
-    with pytest.raises(FileNotFoundError):
-        OpenClipReranker("ViT-B-32", str(tmp_path / "missing.pt"))
+    data = Path(__file__).resolve().parents[1] / "data" / "open_clip"
+    main(["--prior", tiny_models["prior"], "--dvae", tiny_models["dvae"], "--caption", "a red square",
+          "--caption", "a blue circle", "--candidates", "3", "--keep", "2",
+          "--open-clip", f"{data / 'tiny.json'}:{data / 'tiny.pt'}", "--out", str(tmp_path / "s.png")])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["count"] == 4 and all(-1 <= s <= 1 for s in out["scores"])
+    assert out["scores"][0] >= out["scores"][1] and out["scores"][2] >= out["scores"][3]
+    assert (tmp_path / "s.png").exists()
 
 
 def test_sample_cli_candidates_keep_and_prime(tiny_models, tmp_path, capsys):
