@@ -148,10 +148,16 @@ class PriorTrainConfig:
     activation_checkpoint_every: int = 0  # recompute every Nth layer's resblocks in backward (0 = off)
     ema_decay: float = 0.0           # iterate averaging of the weights (0 = off; paper 0.99)
     ema_every: int = 1               # update the average every N optimizer steps (paper: 25)
+    # --- nodes: ZeRO-3 within a node, compressed gradient exchange between nodes (PAPER §5; training/node_exchange.py)
+    compression: str = "none"        # none (plain ZeRO-3 over all ranks) | powersgd | onebit
+    ranks_per_node: int = 0          # 0 = from the launcher; smaller simulates several nodes on one machine
+    powersgd_rank: int = 896         # PAPER §5: rank 896 at d_model 3968
+    powersgd_fixed_q: bool = True    # the paper's fixed random Q; false = warm-start Q from the last step
 
 
 GRAD_SCALING_MODES = ("off", "pow2", "paper")
 GRAD_SCALING_POLICIES = ("skip", "zero_block")
+COMPRESSIONS = ("none", "powersgd", "onebit")
 
 
 @dataclass(kw_only=True)
@@ -260,6 +266,11 @@ def validate(cfg: ExperimentConfig) -> None:
              f"must be >= 0 (0 = off), got {pt.activation_checkpoint_every}")
     _require(0.0 <= pt.ema_decay < 1.0, "prior_train.ema_decay", f"must be in [0, 1) (0 = off), got {pt.ema_decay}")
     _require(pt.ema_every >= 1, "prior_train.ema_every", f"must be >= 1, got {pt.ema_every}")
+    _require(pt.compression in COMPRESSIONS, "prior_train.compression",
+             f"unknown compressor {pt.compression!r}; choose one of {', '.join(COMPRESSIONS)}")
+    _require(pt.ranks_per_node >= 0, "prior_train.ranks_per_node",
+             f"must be >= 0 (0 = from the launcher), got {pt.ranks_per_node}")
+    _require(pt.powersgd_rank >= 1, "prior_train.powersgd_rank", f"must be >= 1, got {pt.powersgd_rank}")
     c = cfg.clip
     _require(c.width % c.heads == 0, "clip.heads", f"{c.heads} heads do not divide clip.width {c.width}")
     _require(c.steps >= 1 and c.batch_size >= 2, "clip.batch_size",

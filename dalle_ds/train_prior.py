@@ -23,11 +23,12 @@ from dalle_ds.data.encode import load_encoded
 from dalle_ds.prior.model import Prior
 from dalle_ds.tokenizer import CaptionTokenizer
 from dalle_ds.training import checkpoint as ckpt
-from dalle_ds.training import activation_checkpointing
+from dalle_ds.training import activation_checkpointing, node_exchange
 from dalle_ds.training.distributed import barrier, device, init_distributed, is_main, world_size
 from dalle_ds.training.ema import EMA
 from dalle_ds.training.engine import build_engine, load_ds_config
 from dalle_ds.training.loop import LoopConfig, fit
+from dalle_ds.training.node_groups import NodeMPU, node_groups, resolve_ranks_per_node
 
 
 def lr_factor(step: int, t: PriorTrainConfig) -> float:
@@ -37,6 +38,20 @@ def lr_factor(step: int, t: PriorTrainConfig) -> float:
         return (step + 1) / t.warmup_steps
     frac = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
     return t.lr_end_ratio + (1.0 - t.lr_end_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def node_groups_for(t: PriorTrainConfig):
+    """Node groups when gradients between nodes are compressed and there is more than one node, else None
+    (plain ZeRO-3 over every rank)."""
+    if t.compression == "none":
+        return None
+    groups = node_groups(resolve_ranks_per_node(t.ranks_per_node, world_size()))
+    if groups.num_nodes == 1:
+        if is_main():
+            print(f"prior_train.compression={t.compression}: one node ({world_size()} ranks), nothing crosses a "
+                  "node boundary; training without compression")
+        return None
+    return groups
 
 
 def get_tokenizer(cfg: ExperimentConfig, out_dir: Path, captions: list[str],
@@ -92,8 +107,16 @@ def train_prior(cfg: ExperimentConfig, *, ds_config, data_dir: str | Path, out_d
             (out_dir / "tokenizer.json").write_text(tok.to_json())
     model = Prior(cfg.prior)
     activation_checkpointing.apply(model, tcfg.activation_checkpoint_every)
+    groups = node_groups_for(tcfg)
     engine = build_engine(model, ds_cfg, lr=tcfg.lr, betas=tcfg.betas, eps=tcfg.eps,
-                          weight_decay=tcfg.weight_decay, lr_lambda=lambda step: lr_factor(step, tcfg))
+                          weight_decay=tcfg.weight_decay, lr_lambda=lambda step: lr_factor(step, tcfg),
+                          mpu=NodeMPU(groups) if groups is not None else None)
+    extra_state = {}
+    if groups is not None:  # attached before the grad scaler: its skip decision wraps the exchange
+        engine.node_groups = groups
+        extra_state["node_exchange"] = node_exchange.attach(engine, node_exchange.NodeExchange(
+            engine, groups, node_exchange.make_compressor(tcfg.compression, rank=tcfg.powersgd_rank,
+                                                          fixed_q=tcfg.powersgd_fixed_q, seed=tcfg.seed)))
     scaler = None
     if tcfg.grad_scaling != "off":
         from dalle_ds.training.grad_scaling import ScalingPolicy, scaler_for  # noqa: PLC0415
@@ -116,7 +139,8 @@ def train_prior(cfg: ExperimentConfig, *, ds_config, data_dir: str | Path, out_d
     loop = LoopConfig(steps=tcfg.steps, log_every=tcfg.log_every, save_every=tcfg.save_every,
                       eval_every=tcfg.eval_every, seed=tcfg.seed, desc="prior", progress=progress, stop_at=stop_at)
     result = fit(engine, loss_fn=loss_fn, num_items=len(captions), ds_cfg=ds_cfg, out_dir=out_dir, loop=loop,
-                 eval_fn=eval_fn, resume=resume, grad_scaler=scaler, ema=ema, ema_every=tcfg.ema_every)
+                 eval_fn=eval_fn, resume=resume, grad_scaler=scaler, ema=ema, ema_every=tcfg.ema_every,
+                 extra_state=extra_state)
     if result.interrupted:  # SIGTERM: the checkpoint is saved; exit without the export
         return {"step": result.step, "seconds": result.seconds, "history": result.history, "interrupted": True,
                 "val_loss_text": None, "val_loss_image": None, "path": None}

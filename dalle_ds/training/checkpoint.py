@@ -40,6 +40,13 @@ def _rank_file(ckpt_dir: Path, tag: str) -> Path:
     return ckpt_dir / tag / f"rank_state_{rank():05d}.pt"
 
 
+def _engine_dir(engine, ckpt_dir: Path) -> Path:
+    """Where this rank's DeepSpeed files go. With ZeRO-3 inside each node (node_groups.py) every node holds a
+    replica whose shard files have the same names, so nodes other than 0 write under `node<k>/`."""
+    groups = getattr(engine, "node_groups", None)
+    return ckpt_dir if groups is None or groups.node == 0 else ckpt_dir / f"node{groups.node}"
+
+
 def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict,
                     rank_state: dict | None = None) -> str:
     """Save every rank's shard, then (only after all ranks finished) point `latest` at it.
@@ -51,7 +58,9 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict,
     ckpt_dir = Path(ckpt_dir)
     tag = f"step{step:08d}"
     state = dict(client_state, step=step, rng=capture_rng())
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
+    engine_dir = _engine_dir(engine, ckpt_dir)
+    engine_dir.mkdir(parents=True, exist_ok=True)  # DeepSpeed creates only global rank 0's folder
+    engine.save_checkpoint(str(engine_dir), tag=tag, client_state=state, save_latest=False)
     own = _rank_file(ckpt_dir, tag)
     own.parent.mkdir(parents=True, exist_ok=True)
     tmp = own.with_name(own.name + ".tmp")
@@ -74,7 +83,7 @@ def load_checkpoint(engine, ckpt_dir: str | Path) -> dict | None:
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
-    _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    _, client_state = engine.load_checkpoint(str(_engine_dir(engine, Path(ckpt_dir))), tag=tag)
     if client_state is None:
         raise RuntimeError(f"checkpoint {ckpt_dir}/{tag} could not be loaded")
     own = _rank_file(Path(ckpt_dir), tag)

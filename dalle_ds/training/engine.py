@@ -59,8 +59,9 @@ def compute_dtype(ds_cfg: dict) -> torch.dtype:
 
 
 def build_engine(model: torch.nn.Module, ds_cfg: dict, *, lr: float, betas: tuple[float, float], eps: float,
-                 weight_decay: float, lr_lambda: Callable[[int], float]):
-    """AdamW (decay on matrices only) + a LambdaLR schedule, wrapped in a DeepSpeed engine."""
+                 weight_decay: float, lr_lambda: Callable[[int], float], mpu=None):
+    """AdamW (decay on matrices only) + a LambdaLR schedule, wrapped in a DeepSpeed engine. `mpu`
+    (training/node_groups.NodeMPU) restricts ZeRO's data-parallel group to a node."""
     import deepspeed  # noqa: PLC0415
 
     decay, no_decay = [], []
@@ -71,6 +72,6 @@ def build_engine(model: torch.nn.Module, ds_cfg: dict, *, lr: float, betas: tupl
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
     # A callable, so the schedule binds to the optimizer DeepSpeed actually steps (ZeRO wraps ours).
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_cfg,
+        model=model, optimizer=optimizer, config=ds_cfg, mpu=mpu,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
     return engine

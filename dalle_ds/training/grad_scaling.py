@@ -126,6 +126,7 @@ class ResblockGradScaler:
         self.last_backoff = [-10**9] * n    # paper: step of the last division
         self.step_count = 0
         self.skipped = 0
+        self.skipping = False               # true during a skipped step's engine.step (node_exchange skips too)
         self.backoffs = [0] * n
         self.last_bad: list[int] = []       # blocks flagged on the most recent step
         self.inject: dict[int, tuple[str, float]] = {}  # test hook: block -> (where, value)
@@ -282,10 +283,12 @@ def attach(engine, scaler: ResblockGradScaler) -> ResblockGradScaler:
         if bad and scaler.policy.on_nonfinite == "skip":
             inner = _inner_optimizer(engine)
             inner.step = lambda *a, **k: None  # instance attribute shadows the method for this one step
+            scaler.skipping = True
             try:
                 out = original_step(*args, **kwargs)
             finally:
                 del inner.step
+                scaler.skipping = False
             scaler.skipped += 1
         else:
             for b in bad:

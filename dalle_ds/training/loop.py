@@ -148,6 +148,9 @@ def fit(engine, *, loss_fn: LossFn, num_items: int = 0, ds_cfg: dict, out_dir: s
                     metrics.update(schedule_fn(step))
                 if grad_scaler is not None:
                     metrics.update(grad_scaler.stats())
+                for obj in extra_state.values():  # e.g. bytes between nodes (collective: every rank logs here)
+                    if hasattr(obj, "stats"):
+                        metrics.update(obj.stats())
                 logger.log(done, metrics)
                 logger.progress(done, metrics["loss"], metrics["tokens_per_s"])
                 result.history.append({"step": done, **metrics})

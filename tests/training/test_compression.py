@@ -8,7 +8,7 @@ import torch.distributed as dist
 import subprocess
 import sys
 
-from dalle_ds.training.compression import OneBit, PowerSGD, orthogonalise
+from dalle_ds.training.compression import OneBit, PowerSGD, orthogonalise, pack_signs, unpack_signs
 
 
 def _port():
@@ -43,7 +43,7 @@ def _worker(rank, world, port, kind, out_dir):
         if kind == "powersgd":
             u = torch.randn(64, 3, generator=torch.Generator().manual_seed(7))
             v = torch.randn(3, 48, generator=torch.Generator().manual_seed(8 + rank))
-            fresh = PowerSGD(4, fixed_q=True)
+            fresh = PowerSGD(4, fixed_q=True, wire_dtype=torch.float32)  # the algorithm, not the wire
             low_out = fresh.allreduce_mean("w", u @ v)
             target = u @ v
             dist.all_reduce(target)
@@ -82,6 +82,25 @@ def test_orthogonalise_is_stable_for_rank_deficient_16bit_input():
     q = orthogonalise(p)
     assert q.isfinite().all()
     assert torch.allclose(q.t() @ q, torch.eye(4), atol=1e-4)
+
+
+def test_sign_packing_is_one_bit_per_element_and_round_trips():
+    m = torch.randn(1001)
+    m[3] = 0.0  # zero counts as non-negative
+    packed = pack_signs(m)
+    assert packed.dtype == torch.uint8 and packed.numel() == 126
+    assert torch.equal(unpack_signs(packed, 1001), torch.where(m >= 0, 1.0, -1.0))
+
+
+def test_batched_exchange_equals_one_tensor_at_a_time():
+    """One process: exchanging several tensors in one call gives what separate calls give (1-bit exactly)."""
+    g = torch.Generator().manual_seed(0)
+    items = [("a", torch.randn(8, 6, generator=g)), ("b", torch.randn(5, generator=g)), ("c", torch.randn(4, 4, generator=g))]
+    one, many = OneBit(), OneBit()
+    together = many.exchange(items)
+    apart = [one.allreduce_mean(n, t) for n, t in items]
+    assert all(torch.equal(x, y) for x, y in zip(together, apart))
+    assert many.bytes_sent <= one.bytes_sent  # one packed buffer instead of one per tensor
 
 
 if __name__ == "__main__":  # one rank of test_error_feedback_replicas_and_state
