@@ -28,7 +28,7 @@ from dalle_ds.dvae.schedules import dvae_schedules
 from dalle_ds.training import checkpoint as ckpt
 from dalle_ds.training.distributed import device, gather_objects, init_distributed, is_main, rank, world_size
 from dalle_ds.training.ema import EMA
-from dalle_ds.training.engine import build_engine, compute_dtype, load_ds_config
+from dalle_ds.training.engine import build_engine, compute_dtype, load_ds_config, micro_batch
 from dalle_ds.training.loop import LoopConfig, fit
 
 
@@ -70,7 +70,10 @@ def train_dvae(cfg: ExperimentConfig, *, ds_config, out_dir: str | Path, resume:
     ds_cfg = load_ds_config(ds_config)
     stream = None
     if cfg.data.streaming and cfg.data.dataset != "shapes":
-        stream, val_report = StreamOrder(cfg.data, "train", "dvae", rank=rank(), world=world_size()), PassReport()
+        # two micro-batches decoded ahead in a thread, overlapping the step
+        stream = StreamOrder(cfg.data, "train", "dvae", rank=rank(), world=world_size(),
+                             prefetch=2 * micro_batch(ds_cfg))
+        val_report = PassReport()
         val_cache: list[dict] = []  # read at the first eval, so training starts without a val scan
     else:
         train_set, val_set = image_dataset(cfg.data, "train"), image_dataset(cfg.data, "val")
@@ -102,6 +105,7 @@ def train_dvae(cfg: ExperimentConfig, *, ds_config, out_dir: str | Path, resume:
                  schedule_fn=lambda step: dvae_schedules(step, tcfg), resume=resume, order=stream,
                  extra_state={"stream": stream} if stream is not None else None)
     if stream is not None:  # counts over everything the ranks read (resumed runs included), per-rank positions
+        stream.close()
         ranks = gather_objects(stream.state_dict())
         train_report = PassReport()
         for st in ranks:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
+import threading
 
 from dalle_ds.config import ConfigError, DataConfig
 from dalle_ds.data.report import PassReport
@@ -28,15 +30,21 @@ def chain_digest(digest: str, key: str) -> str:
 
 
 class StreamOrder:
-    """Sequential per-rank micro-batches of {"key", "image", "caption"} with a checkpointable position."""
+    """Sequential per-rank micro-batches of {"key", "image", "caption"} with a checkpointable position.
+
+    `prefetch` > 0 decodes up to that many items ahead in a background thread (PIL and torch release the
+    GIL), overlapping loading with the training step. Each queued item carries the state as of that item,
+    so the state handed to a checkpoint never includes what was read ahead.
+    """
 
     def __init__(self, cfg: DataConfig, split: str = "train", purpose: str = "dvae", *, rank: int = 0,
-                 world: int = 1):
+                 world: int = 1, prefetch: int = 0):
         self.cfg, self.split, self.purpose, self.rank, self.world = cfg, split, purpose, rank, world
+        self.prefetch = prefetch
         self.epoch, self.position, self.items, self.keys_digest = 0, 0, 0, ""
         self.report = PassReport()
-        self._it = None
-        self._epoch_empty = False
+        self._source = None  # iterator of (epoch, position, report dict, item), opened at the next read
+        self._stop: threading.Event | None = None
 
     def state_dict(self) -> dict:
         return {"rank": self.rank, "world": self.world, "epoch": self.epoch, "position": self.position,
@@ -46,27 +54,68 @@ class StreamOrder:
         if (state["rank"], state["world"]) != (self.rank, self.world):
             raise ValueError(f"stream checkpoint of rank {state['rank']}/{state['world']} cannot resume rank "
                              f"{self.rank}/{self.world}: the shards differ; resume with the same number of ranks")
+        self.close()  # reopen at the restored position on the next read
         self.epoch, self.position, self.items = state["epoch"], state["position"], state["items"]
         self.keys_digest, self.report = state["keys_digest"], PassReport.from_dict(state["report"])
-        self._it = None  # reopen at the restored position on the next read
+
+    def close(self) -> None:
+        """Stop reading ahead (the next read reopens the stream at the current position)."""
+        if self._stop is not None:
+            self._stop.set()
+        self._source, self._stop = None, None
+
+    def _entries(self, epoch: int, position: int, report: PassReport):
+        """(epoch, position, report dict, item) from the given state on, over epochs without end."""
+        while True:
+            empty = position == 0  # a whole pass without an item: nothing usable at all
+            for position, item in stream_items(self.cfg, self.split, self.purpose, rank=self.rank,
+                                               world=self.world, start=position, report=report, epoch=epoch):
+                empty = False
+                yield epoch, position, report.as_dict(), item
+            if empty:
+                raise ConfigError(f"data.path: rank {self.rank} of {self.world} has no usable {self.split} records "
+                                  f"in {self.cfg.path} ({report.summary()})")
+            log.info("rank %d finished epoch %d of its %s stream: %s", self.rank, epoch, self.split, report.summary())
+            epoch, position = epoch + 1, 0
+
+    def _open(self):
+        entries = self._entries(self.epoch, self.position, PassReport.from_dict(self.report.as_dict()))
+        if self.prefetch <= 0:
+            return entries
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = self._stop = threading.Event()
+
+        def fill():
+            try:
+                for entry in entries:
+                    while not stop.is_set():
+                        try:
+                            q.put(entry, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+            except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
+                q.put(e)
+
+        threading.Thread(target=fill, name=f"stream-rank{self.rank}", daemon=True).start()
+
+        def drain():
+            while True:
+                entry = q.get()
+                if isinstance(entry, BaseException):
+                    raise entry
+                yield entry
+
+        return drain()
 
     def _next_item(self) -> dict:
-        while True:
-            if self._it is None:
-                self._epoch_empty = self.position == 0  # stays True until this pass yields an item
-                self._it = stream_items(self.cfg, self.split, self.purpose, rank=self.rank, world=self.world,
-                                        start=self.position, report=self.report, epoch=self.epoch)
-            nxt = next(self._it, None)
-            if nxt is not None:
-                self.position, item = nxt
-                self._epoch_empty = False
-                return item
-            if self._epoch_empty:
-                raise ConfigError(f"data.path: rank {self.rank} of {self.world} has no usable {self.split} records "
-                                  f"in {self.cfg.path} ({self.report.summary()})")
-            log.info("rank %d finished epoch %d of its %s stream: %s", self.rank, self.epoch, self.split,
-                     self.report.summary())
-            self.epoch, self.position, self._it = self.epoch + 1, 0, None
+        if self._source is None:
+            self._source = self._open()
+        self.epoch, self.position, report, item = next(self._source)
+        self.report = PassReport.from_dict(report)
+        return item
 
     def micro_batch(self, step: int, *, global_batch: int, micro: int, accum_index: int, rank: int,
                     world: int) -> list[dict]:

@@ -37,10 +37,11 @@ def _read(order, steps, start=0, micro=2, world=1, rank=0):
             for it in order.micro_batch(s, global_batch=gb, micro=micro, accum_index=0, rank=rank, world=world)]
 
 
-@pytest.mark.parametrize("kind", ["folder", "webdataset"])
-def test_resume_from_state_reads_what_an_uninterrupted_stream_reads(tmp_path, kind):
-    """Across epochs, and whether the source is map-style (folder) or a `datasets` stream (webdataset tars):
-    a new order loaded from a saved state continues with exactly the next items; the key digest agrees."""
+@pytest.mark.parametrize("kind,prefetch", [("folder", 0), ("folder", 3), ("webdataset", 2)])
+def test_resume_from_state_reads_what_an_uninterrupted_stream_reads(tmp_path, kind, prefetch):
+    """Across epochs, whether the source is map-style (folder) or a `datasets` stream (webdataset tars), and
+    with items read ahead in a thread: a new order loaded from a saved state continues with exactly the next
+    items; the key digest agrees."""
     if kind == "folder":
         make_dirty_folder(tmp_path / "src", n_good=5)  # 11 kept among bad files
         cfg = cfg_for("folder", tmp_path / "src")
@@ -49,10 +50,11 @@ def test_resume_from_state_reads_what_an_uninterrupted_stream_reads(tmp_path, ki
     full = StreamOrder(cfg, rank=1, world=2)
     want = _read(full, 8, world=2, rank=1)
     assert full.epoch >= 1  # the shard was exhausted and started over
-    first = StreamOrder(cfg, rank=1, world=2)
+    first = StreamOrder(cfg, rank=1, world=2, prefetch=prefetch)
     got = _read(first, 3, world=2, rank=1)
     state = first.state_dict()
-    resumed = StreamOrder(cfg, rank=1, world=2)
+    first.close()
+    resumed = StreamOrder(cfg, rank=1, world=2, prefetch=prefetch)
     resumed.load_state_dict(state)
     got += _read(resumed, 8, start=3, world=2, rank=1)
     assert got == want
