@@ -151,7 +151,7 @@ class PriorTrainConfig:
     # --- nodes: ZeRO-3 within a node, compressed gradient exchange between nodes (PAPER §5; training/node_exchange.py)
     compression: str = "none"        # none (plain ZeRO-3 over all ranks) | powersgd | onebit
     ranks_per_node: int = 0          # 0 = from the launcher; smaller simulates several nodes on one machine
-    powersgd_rank: int = 896         # PAPER §5: rank 896 at d_model 3968
+    powersgd_rank: int = 112         # per GPU shard (each factorises its own): PAPER §5.3, 896 per 8-GPU node at 12B
     powersgd_fixed_q: bool = True    # the paper's fixed random Q; false = warm-start Q from the last step
 
 
