@@ -149,7 +149,8 @@ class PriorTrainConfig:
     ema_decay: float = 0.0           # iterate averaging of the weights (0 = off; paper 0.99)
     ema_every: int = 1               # update the average every N optimizer steps (paper: 25)
     # --- nodes: ZeRO-3 within a node, compressed gradient exchange between nodes (PAPER §5; training/node_exchange.py)
-    compression: str = "none"        # none (plain ZeRO-3 over all ranks) | powersgd | onebit
+    compression: str = "none"        # none (plain ZeRO-3 over all ranks) | fp32 (node-local ZeRO-3, uncompressed
+                                     # between nodes) | powersgd | onebit
     ranks_per_node: int = 0          # 0 = from the launcher; smaller simulates several nodes on one machine
     powersgd_rank: int = 112         # per GPU shard (each factorises its own): PAPER §5.3, 896 per 8-GPU node at 12B
     powersgd_fixed_q: bool = True    # the paper's fixed random Q; false = warm-start Q from the last step
@@ -157,7 +158,7 @@ class PriorTrainConfig:
 
 GRAD_SCALING_MODES = ("off", "pow2", "paper")
 GRAD_SCALING_POLICIES = ("skip", "zero_block")
-COMPRESSIONS = ("none", "powersgd", "onebit")
+COMPRESSIONS = ("none", "fp32", "powersgd", "onebit")
 
 
 @dataclass(kw_only=True)

@@ -132,6 +132,13 @@ class Compressor:
         self.bytes_uncompressed = int(state.get("bytes_uncompressed", 0))
 
 
+class Uncompressed(Compressor):
+    """Everything in fp32: the same exchange path with nothing compressed (the compressors' reference)."""
+
+    def compressible(self, name: str, grad: torch.Tensor) -> bool:
+        return False
+
+
 class PowerSGD(Compressor):
     def __init__(self, rank: int, *, fixed_q: bool = True, seed: int = 0, wire_dtype: torch.dtype = torch.float16,
                  uncompressed: tuple[str, ...] = ()):

@@ -20,11 +20,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from dalle_ds.training.compression import Compressor, OneBit, PowerSGD
+from dalle_ds.training.compression import Compressor, OneBit, PowerSGD, Uncompressed
 from dalle_ds.training.distributed import device
 from dalle_ds.training.node_groups import NodeGroups
 
-KINDS = ("none", "powersgd", "onebit")
+KINDS = ("none", "fp32", "powersgd", "onebit")
 
 
 def prior_compressible(name: str, param: torch.nn.Parameter) -> bool:
@@ -37,7 +37,9 @@ def make_compressor(kind: str, *, rank: int, fixed_q: bool, seed: int) -> Compre
         return PowerSGD(rank, fixed_q=fixed_q, seed=seed)
     if kind == "onebit":
         return OneBit()
-    raise ValueError(f"compression: {kind!r}; choose powersgd or onebit")
+    if kind == "fp32":
+        return Uncompressed()
+    raise ValueError(f"compression: {kind!r}; choose fp32, powersgd or onebit")
 
 
 class NodeExchange:
