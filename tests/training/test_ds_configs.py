@@ -17,6 +17,7 @@ EXPECT = {  # file -> (ZeRO stage, precision, optimizer offload, ZeRO++ hpZ part
     "gpu_zero2_bf16.json": (2, "bf16", None, 1, False, False),
     "gpu_zero3_bf16.json": (3, "bf16", None, 1, False, False),
     "gpu_zero3_fp16_12b_v100.json": (3, "fp16", None, 1, False, False),
+    "gpu_zero3_fp16_12b_v100_offload.json": (3, "fp16", "cpu", 1, False, False),
     "gpu_zero3_offload_bf16.json": (3, "bf16", "cpu", 1, False, False),
     "gpu_zeropp_bf16.json": (3, "bf16", None, 8, True, True),
 }

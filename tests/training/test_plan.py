@@ -7,10 +7,30 @@ from helpers import REPO
 from dalle_ds.plan import main, plan
 
 
+D, L, VT, T, R = 3968, 64, 16384, 256, 112     # the 12b prior: width, layers, text vocab, text length, rank/GPU
+GiB = 1024 ** 3
+
+
+def _ds(name):
+    return json.loads((REPO / "ds_configs" / name).read_text())
+
+
 @pytest.fixture(scope="module")
 def report():
-    ds = json.loads((REPO / "ds_configs/gpu_zero3_fp16_12b_v100.json").read_text())
-    return plan("12b", REPO / "hostfiles/v100", ds)
+    return plan("12b", REPO / "hostfiles/v100", _ds("gpu_zero3_fp16_12b_v100.json"))
+
+
+@pytest.fixture(scope="module")
+def node_local():
+    """The same config with compression on: ZeRO-3 shards within each 8-GPU node (NodeMPU)."""
+    return plan("12b", REPO / "hostfiles/v100", _ds("gpu_zero3_fp16_12b_v100.json"),
+                overrides=["prior_train.compression=powersgd"])
+
+
+@pytest.fixture(scope="module")
+def node_local_offload():
+    return plan("12b", REPO / "hostfiles/v100", _ds("gpu_zero3_fp16_12b_v100_offload.json"),
+                overrides=["prior_train.compression=powersgd"])
 
 
 def test_parameter_count_is_exact_and_near_12b(report):
@@ -46,3 +66,70 @@ def test_cli_writes_json_and_tiny_count_matches_real_model(tmp_path, capsys):
     out = json.loads((tmp_path / "p.json").read_text())
     assert out["params"]["total"] == Prior(get_preset("tiny").prior).num_params()
     assert out["gpus"] == 2 and "fits a 16 GB V100" in capsys.readouterr().out
+
+
+def _close(x, y, rel=1e-9):
+    return abs(x - y) <= rel * abs(y)
+
+
+def test_all_gpu_layout_hand_formulas(report):
+    """Plain ZeRO-3 over all 1024 GPUs: 2 + 2 + (12 + 4) bytes per parameter / 1024, nothing offloaded."""
+    P, m = report["params"]["total"], report["per_gpu_bytes"]
+    assert report["layout"] == "all_gpus" and report["shard_gpus"] == 1024 and report["host_bytes_per_node"] == 0
+    assert _close(m["model_states"], 20 * P / 1024) and m["compressor_state"] == 0
+    assert report["layouts"]["all_gpus"]["per_gpu_bytes"]["model_states"] == m["model_states"]
+
+
+def test_node_local_layout_hand_formulas_and_estimator(node_local):
+    """Sharding within a node: each GPU holds 1/8 of the model states. The fp32 gradient copy is made per
+    sub-group (default 1e9 elements, overshooting by at most the largest tensor's shard, the text embedding);
+    PowerSGD keeps an fp32 error buffer per 16-bit shard and a Q of (row length x 112) per matrix shard:
+    qkv, attn proj and fc have rows of d, mlp proj of 4d, so 7 d x 112 per layer."""
+    r, P, p16 = node_local, node_local["params"]["total"], node_local["params"]["sixteen_bit"]
+    m = r["per_gpu_bytes"]
+    assert r["layout"] == "node_local" and r["shard_gpus"] == 8 and r["compression"] == "powersgd"
+    assert _close(m["params"], 2 * P / 8) and _close(m["grads"], 2 * P / 8)
+    assert _close(m["optimizer"], 12 * P / 8 + 4 * (1e9 + (VT + T) * D / 8))
+    assert _close(m["compressor_state"], 4 * p16 / 8 + 4 * L * 7 * D * R)
+    assert m["model_states"] > 16e9  # fp32 master + m + v alone: 12 B x 12.2e9 / 8 ≈ 18 GB
+    e = r["deepspeed_estimator"]  # DeepSpeed's own: 4 x largest layer + 18 P / (8 GPUs x 1 node)
+    assert _close(e["gpu_model_states"], 4 * r["params"]["largest_layer"] + 18 * P / 8, 1e-6)
+    assert 0.9 < e["ratio"] < 1.1
+    v = r["v100_16gb"]
+    assert not v["fits_with_checkpointing"] and not v["fits_without_checkpointing"]
+    assert r["layouts"]["node_local_offload"]["fits_with_checkpointing"]  # the hint: offload the optimizer
+    assert r["layouts"]["all_gpus"]["fits_with_checkpointing"]
+
+
+def test_node_local_with_optimizer_offload(node_local_offload, node_local):
+    """offload_optimizer cpu: only the 16-bit parameter shard (2 P / 8) stays on the GPU; the node's host holds
+    8 x (2 + 12 + 4) P / 8 plus the compressors' state. DeepSpeed's estimator counts 16 P per node (no 16-bit
+    gradient partition buffer, which DeepSpeed 0.19 puts on the offload device too): 18/16 on its terms."""
+    r, P = node_local_offload, node_local_offload["params"]["total"]
+    m, e = r["per_gpu_bytes"], r["deepspeed_estimator"]
+    assert r["offload"] == {"optimizer": "cpu", "params": None}
+    assert _close(m["model_states"], 2 * P / 8) and m["grads"] == m["optimizer"] == m["compressor_state"] == 0
+    comp = node_local["per_gpu_bytes"]["compressor_state"]
+    assert _close(r["host_bytes_per_node"], 18 * P + 8 * comp)
+    assert _close(e["host_ratio"], 18 / 16, 1e-6)
+    assert 0.9 < e["ratio"] < 1.1
+    assert r["v100_16gb"]["fits_with_checkpointing"]
+    assert "node_local_offload" not in r["layouts"]  # the config offloads already
+
+
+def test_paper_storage_fits_where_deepspeed_needs_offload(node_local):
+    """PAPER §4.1/§4.3/§5.1: 16-bit params, grads and Adam m, v (8 B) for resblock matrices, fp32 everywhere
+    else (16 B), no master copy, sharded over 8 GPUs: it fits with checkpointing; DeepSpeed's layout does not."""
+    pr, pa = node_local["params"], node_local["paper_storage"]
+    assert _close(pa["per_gpu_bytes"]["model_states"], (8 * pr["sixteen_bit"] + 16 * pr["fp32"]) / 8)
+    assert pa["fits_with_checkpointing"] and not pa["fits_without_checkpointing"]
+    assert pa["per_gpu_bytes"]["model_states"] < node_local["per_gpu_bytes"]["model_states"] / 2
+
+
+def test_cli_set_selects_node_local_layout(capsys):
+    main(["--preset", "12b", "--hostfile", str(REPO / "hostfiles/v100"),
+          "--ds-config", str(REPO / "ds_configs/gpu_zero3_fp16_12b_v100_offload.json"),
+          "--set", "prior_train.compression=onebit"])
+    out = capsys.readouterr().out
+    assert "sharded within each node (8 GPUs; compression onebit)" in out
+    assert "host memory per node for offloaded states" in out and "paper's storage" in out
