@@ -194,6 +194,7 @@ class DVAE(nn.Module):
         z = gumbel_softmax(logits, temperature, dim=1, generator=generator)  # (B, K, G, G) relaxed one-hot
         out = self.decoder(z)                                               # (B, 2C, H, W)
         mu, log_b = out[:, :c].float(), out[:, c:].float()                  # (B, C, H, W) each
+        log_b = log_b.clamp(max=self.cfg.max_log_b)                         # see DVAEConfig.max_log_b
 
         nll_sum = -logit_laplace_log_prob(x, mu, log_b).sum(dim=(1, 2, 3))  # (B,)
         kl_sum = kl_to_uniform(logits, dim=1).sum(dim=(1, 2))               # (B,)

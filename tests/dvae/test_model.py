@@ -131,6 +131,33 @@ def test_loss_normalisation():
     assert 0 <= float(stats["recon_mse"]) <= 1
 
 
+def test_max_log_b_caps_the_scale_in_the_loss_only():
+    """With dvae.max_log_b the NLL uses min(ln b, cap) per subpixel (a direct recomputation), the cap
+    binds where the decoder's ln b exceeds it, and encode/decode do not depend on it."""
+    import dataclasses
+    model = _model()
+    x = _pixels(model.cfg, batch=2)
+    with torch.no_grad():
+        model.decoder.blocks.output.conv.b[3:] += 2.0  # make ln b exceed the cap somewhere
+    losses = []
+    capped = DVAE(dataclasses.replace(model.cfg, max_log_b=-1.0))
+    capped.load_state_dict(model.state_dict())
+    for m, cap in ((model, None), (capped, -1.0)):
+        loss, _ = m(x, temperature=0.5, kl_weight=0.0, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            xm = map_pixels(x)
+            z = gumbel_softmax(m.encoder(xm), 0.5, dim=1, generator=torch.Generator().manual_seed(3))
+            out = m.decoder(z)
+            out_ln_b = out[:, 3:]
+            ln_b = out_ln_b if cap is None else out_ln_b.clamp(max=cap)
+            nll = -logit_laplace_log_prob(xm, out[:, :3], ln_b).sum(dim=(1, 2, 3)) / xm[0].numel()
+        torch.testing.assert_close(loss.detach(), nll.mean())
+        losses.append(float(loss))
+    assert (out_ln_b > -1.0).any() and losses[0] != losses[1]  # the cap binds and changes the loss
+    with torch.no_grad():
+        torch.testing.assert_close(capped.decode(capped.encode(x)), model.decode(model.encode(x)))
+
+
 def test_gradient_reaches_encoder_and_decoder():
     """Through the Gumbel-softmax relaxation every encoder and decoder parameter gets a finite gradient."""
     model = _model()
