@@ -11,18 +11,18 @@ two-shape image); the "heldout" split renders exactly those combinations, so a p
 "train" split can be asked for captions it has never seen and the result checked automatically by
 `dalle_ds.eval.composition.check_image`.
 
-Design choices, all in favour of a model that learns in minutes on a CPU at 32 px and an automatic
-checker that is never in doubt:
+Design choices, all in favour of a model that learns in minutes on a CPU (the demo renders 16 px; tests
+mostly 32 px) and an automatic checker that is never in doubt (it reads every validation image right at
+both sizes):
 
 * Palette: the six fully saturated RGB primaries and secondaries. Their chromaticities (RGB divided by
   the brightest channel) are at least 1.0 apart, so a blurred, darkened or noisy dVAE reconstruction is
   still classified by its hue, and a colour blended with the black background keeps its hue.
 * Layout: a canonical layout in image fractions, scaled to any `image_size`. Shape centres lie on a
-  3x3 grid at 1/4, 1/2 and 3/4 of the side; at 32 px (8x8 tokens of 4x4 px) these are 8, 16 and 24 px,
-  i.e. on token boundaries, and the largest shape keeps a 1 px margin to the border. No jitter: one
+  3x3 grid at 1/4, 1/2 and 3/4 of the side; with an 8x8 token grid these are on token boundaries, and the largest shape keeps a 1 px margin to the border. No jitter: one
   (colour, shape, size, position) is always the same image, which is what makes the demo learnable.
-* Sizes: "small" spans 10/32 of the side and "large" 14/32 (10 px and 14 px at 32 px): large enough for
-  a triangle, a circle and a square to stay distinct after a lossy dVAE, and a clear 4 px apart.
+* Sizes: "small" spans 10/32 of the side and "large" 14/32 (5 and 7 px at 16 px): large enough for
+  a triangle, a circle and a square to stay distinct after a lossy dVAE, and 2 px apart at 16 px.
 * Two shapes are placed two grid steps apart along at least one axis (e.g. "top left" with "right") and
   always have different colours, so they never overlap (two large shapes keep a 2/32 gap) and the
   checker can segment each shape by its colour alone.
