@@ -19,7 +19,8 @@ both sizes):
   the brightest channel) are at least 1.0 apart, so a blurred, darkened or noisy dVAE reconstruction is
   still classified by its hue, and a colour blended with the black background keeps its hue.
 * Layout: a canonical layout in image fractions, scaled to any `image_size`. Shape centres lie on a
-  3x3 grid at 1/4, 1/2 and 3/4 of the side; with an 8x8 token grid these are on token boundaries, and the largest shape keeps a 1 px margin to the border. No jitter: one
+  3x3 grid at 1/4, 1/2 and 3/4 of the side; with an 8x8 token grid these are on token boundaries, and
+  the largest shape keeps a margin of 1/32 of the side to the border. No jitter: one
   (colour, shape, size, position) is always the same image, which is what makes the demo learnable.
 * Sizes: "small" spans 10/32 of the side and "large" 14/32 (5 and 7 px at 16 px): large enough for
   a triangle, a circle and a square to stay distinct after a lossy dVAE, and 2 px apart at 16 px.
