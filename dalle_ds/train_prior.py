@@ -112,7 +112,7 @@ def train_prior(cfg: ExperimentConfig, *, ds_config, data_dir: str | Path, out_d
                           weight_decay=tcfg.weight_decay, lr_lambda=lambda step: lr_factor(step, tcfg),
                           mpu=NodeMPU(groups) if groups is not None else None)
     extra_state = {}
-    if groups is not None:  # attached before the grad scaler: its skip decision wraps the exchange
+    if groups is not None:  # attached before the grad scaler: its unscale and skip decision wrap the exchange
         engine.node_groups = groups
         extra_state["node_exchange"] = node_exchange.attach(engine, node_exchange.NodeExchange(
             engine, groups, node_exchange.make_compressor(tcfg.compression, rank=tcfg.powersgd_rank,

@@ -5,28 +5,32 @@ Forward is unchanged. In backward:
 
     stream grad g ─► (× s_b) ─► branch backward (16-bit) ─► filter(inf/NaN → 0) ─► (÷ s_b) ─► + g
                                    │
-                                   └─► param grads (× s_b) ─► tensor hook: ÷ s_b, inf/NaN → 0, flag b
+                                   └─► param grads (× s_b) ─► ZeRO reduce(-scatter), still × s_b
+                                        ─► engine.step wrapper, on the local shard: flag b if non-finite, ÷ s_b
 
 The multiply sits on the branch *output* (the first thing backward meets), the filter and unscale on the
 branch *input* (the last thing backward leaves), both as forward hooks on the unchanged modules, so
 parameter names, the KV-cache path (`attn_branch(x, kv=cache)`) and checkpoints are untouched.
 
-Where parameter gradients are unscaled. PAPER §5.4 unscales after the reduce-scatter, on each GPU's
-fp32 shard. DeepSpeed 0.19's ZeRO-3 exposes local shards (`deepspeed.utils.safe_get_local_grad`), but
-they hold the *model-dtype* reduce-scattered partition; the fp32 copy is only made inside
-`optimizer.step()` (`_prepare_fp32_grad_for_sub_group`), which no public API reaches. Unscaling the
-16-bit shard there is numerically no better than unscaling the 16-bit gradient before it is
-accumulated, so we unscale in a tensor hook on each parameter (it runs before ZeRO's post-accumulate
-reduce hook, identically for ZeRO 0/1/2/3, gradient accumulation and CPU offload). The finite flag is
-recorded per block in the same hook (on device, no sync) and all-reduced (max) across ranks once per
-optimizer step. Consequence, stated plainly: in fp16 the per-resblock scale protects the activation
-gradients through the deep branch stack (where underflow compounds with depth); parameter gradients
-enter the reduce-scatter at DeepSpeed's global loss scale, not at the block's scale.
+Where parameter gradients are unscaled (PAPER §4.2, §5.4 step 1): they stay multiplied by s_b through
+backward, gradient accumulation and ZeRO's reduce, so the 16-bit values that are communicated and stored
+sit at the block's scale, not at the loss scale. At each accumulation boundary the `engine.step` wrapper
+(`attach`) reads every parameter's local gradient, flags block b if any element is non-finite, all-reduces
+the flags (max) so every rank agrees, and divides by s_b in place:
+  * ZeRO-3: the local shard, `deepspeed.utils.safe_get_local_grad`/`safe_set_local_grad` (the shard is in
+    the gradient-accumulation dtype: fp32 with `data_types.grad_accum_dtype=fp32` or optimizer offload,
+    otherwise the model dtype, where the division itself can underflow; see docs/TRAINING_AT_SCALE.md);
+  * ZeRO-1/2: the local fragment of the reduced flat gradient that `safe_get_full_grad` reads
+    (`param._hp_mapping.get_lp_grad_fragment`), in place;
+  * no ZeRO: `param.grad` (DeepSpeed has all-reduced it in `engine.backward`), in place.
+This runs before the wrapped step (node_exchange.py's exchange, DeepSpeed's clipping and optimizer), so
+they all see unscaled gradients. A standalone scaler (no engine) keeps the older per-parameter tensor hook
+(`unscale_params="hook"`: ÷ s_b, inf/NaN → 0 and flag, in the gradient's dtype) or `"defer"`.
 
 On a step where block b had a non-finite parameter gradient (on any rank):
   * its scale backs off (÷2 in `pow2` mode; ÷√2 at most once per 125-step window in `paper` mode);
-  * policy `skip`: the whole optimizer update is skipped (the paper); `zero_block`: b's gradients are
-    zeroed (ZeRO-3: on the local shards via `safe_set_local_grad`; stage 0: `p.grad`) and the step goes on.
+  * policy `skip`: the whole optimizer update is skipped (the paper); `zero_block`: b's local gradients are
+    zeroed (through the same accessors as the unscale) and the step goes on.
 Clean blocks grow (`pow2`: ×2 after `growth_interval` clean steps; `paper`: ×2^(1/1000) each step), then
 every scale is clamped to [M·2^min_log2, M·2^max_log2] (M = data-parallel world size).
 With power-of-two scales, fp32/bf16 arithmetic is exactly scale-equivariant (barring over/underflow),
@@ -111,11 +115,13 @@ class ResblockGradScaler:
 
     def __init__(self, blocks: list[tuple[str, torch.nn.Module]], policy: ScalingPolicy, *,
                  unscale_params: str = "hook"):
-        """unscale_params: "hook" divides each parameter gradient by its block's scale in the tensor hook
-        (in the gradient's dtype; what the DeepSpeed wiring uses); "defer" leaves them scaled (filtered and
-        flagged only) for a plain-PyTorch loop with fp32 master gradients: `fp32_grads()` unscales."""
-        if unscale_params not in ("hook", "defer"):
-            raise ValueError(f"unscale_params: {unscale_params!r}; choose hook or defer")
+        """unscale_params: "step" (what `attach` sets) leaves parameter gradients scaled and untouched in
+        backward; `unscale_local` flags and unscales them on the local gradient shards before the step.
+        For a plain-PyTorch loop: "hook" divides each parameter gradient by its block's scale in a tensor
+        hook (in the gradient's dtype, before any reduce), zeroing and flagging inf/NaN; "defer" only
+        zeroes and flags them there, and `fp32_grads()` unscales (fp32 master gradients)."""
+        if unscale_params not in ("step", "hook", "defer"):
+            raise ValueError(f"unscale_params: {unscale_params!r}; choose step, hook or defer")
         self.unscale_params = unscale_params
         self.names = [n for n, _ in blocks]
         self.policy = policy
@@ -163,6 +169,8 @@ class ResblockGradScaler:
             if inject is not None and inject[0] == "param":  # test hook: one weight gradient overflows
                 g = g.clone()
                 g.view(-1)[0] = inject[1]
+            if self.unscale_params == "step":  # stays scaled (and unchecked) until unscale_local
+                return g
             finite = torch.isfinite(g)
             self._param_bad[b] += (~finite).sum()
             g = torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device))
@@ -174,6 +182,20 @@ class ResblockGradScaler:
         div = self.unscale_params == "defer"
         return [[(p.grad.float() / self.scales[b] if div else p.grad.float()) for p in ps if p.grad is not None]
                 for b, ps in enumerate(self.params)]
+
+    @torch.no_grad()
+    def unscale_local(self, get, put) -> list[int]:
+        """At an accumulation boundary (unscale_params="step"): flag every block with a non-finite local
+        gradient, divide each local gradient by its block's scale (`get(p)` -> tensor or None,
+        `put(p, value)` writes it back), then return the blocks flagged on any rank (collective)."""
+        for b, ps in enumerate(self.params):
+            for p in ps:
+                g = get(p)
+                if g is None:
+                    continue
+                self._param_bad[b] += (~torch.isfinite(g)).sum()
+                put(p, g / self.scales[b])  # exact for pow2; with fp32 shards no underflow either
+        return self.nonfinite_blocks()
 
     def remove(self) -> None:
         for h in self._handles:
@@ -253,33 +275,42 @@ def _zero_stage(engine) -> int:
     return int(engine.zero_optimization_stage()) if engine.zero_optimization() else 0
 
 
-def _zero_block_grads(engine, params: list[torch.nn.Parameter]) -> None:
-    if _zero_stage(engine) == 3:
+def _local_grad_access(engine):
+    """(get, put) for a parameter's local, already reduced gradient at an accumulation boundary."""
+    stage = _zero_stage(engine)
+    if stage == 3:
         from deepspeed.utils import safe_get_local_grad, safe_set_local_grad  # noqa: PLC0415
 
-        for p in params:
-            g = safe_get_local_grad(p)
-            if g is not None:
-                safe_set_local_grad(p, torch.zeros_like(g))
-    else:
-        for p in params:
-            if p.grad is not None:
-                p.grad.zero_()
+        return safe_get_local_grad, safe_set_local_grad
+    if stage in (1, 2):
+        # The local fragment of the flat reduced gradient (a view the step reads; None where this rank owns
+        # no part of p). The same object safe_get_full_grad reads, without its all-reduce of the full tensor.
+        def get(p):
+            if getattr(p, "_hp_mapping", None) is None:
+                return None
+            return p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)
+
+        def put(p, value):
+            get(p).copy_(value)
+        return get, put
+
+    def put0(p, value):
+        p.grad.copy_(value)
+    return (lambda p: p.grad), put0
 
 
 def attach(engine, scaler: ResblockGradScaler) -> ResblockGradScaler:
-    """Wrap `engine.step`: at each accumulation boundary, all-reduce the per-block flags, apply the policy
-    (skip the inner optimizer's step, or zero the flagged blocks' gradients) and update the scales."""
-    stage = _zero_stage(engine)
-    if scaler.policy.on_nonfinite == "zero_block" and stage in (1, 2):
-        raise ValueError("grad scaling policy zero_block supports ZeRO stage 0 and 3 (gradients of stage 1/2 "
-                         "live in flat optimizer buffers); use on_nonfinite=skip")
+    """Wrap `engine.step`: at each accumulation boundary, flag and unscale the local parameter gradients
+    (`unscale_local`), apply the policy (skip the inner optimizer's step, or zero the flagged blocks'
+    gradients), update the scales, then run the wrapped step (a node exchange attached earlier included)."""
+    scaler.unscale_params = "step"  # parameter gradients stay scaled through ZeRO's reduce
+    get, put = _local_grad_access(engine)
     original_step = engine.step
 
     def step(*args, **kwargs):
         if not engine.is_gradient_accumulation_boundary():
             return original_step(*args, **kwargs)
-        bad = scaler.nonfinite_blocks()
+        bad = scaler.unscale_local(get, put)
         if bad and scaler.policy.on_nonfinite == "skip":
             inner = _inner_optimizer(engine)
             inner.step = lambda *a, **k: None  # instance attribute shadows the method for this one step
@@ -292,7 +323,10 @@ def attach(engine, scaler: ResblockGradScaler) -> ResblockGradScaler:
             scaler.skipped += 1
         else:
             for b in bad:
-                _zero_block_grads(engine, scaler.params[b])
+                for p in scaler.params[b]:
+                    g = get(p)
+                    if g is not None:
+                        put(p, torch.zeros_like(g))
             out = original_step(*args, **kwargs)
         scaler.update(bad)
         return out
@@ -304,4 +338,4 @@ def attach(engine, scaler: ResblockGradScaler) -> ResblockGradScaler:
 
 def scaler_for(engine, model: torch.nn.Module, policy: ScalingPolicy) -> ResblockGradScaler:
     """Build a scaler over the prior's branches and attach it to `engine` (call after build_engine)."""
-    return attach(engine, ResblockGradScaler(prior_blocks(model), policy))
+    return attach(engine, ResblockGradScaler(prior_blocks(model), policy, unscale_params="step"))

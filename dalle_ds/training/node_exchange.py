@@ -118,7 +118,10 @@ class NodeExchange:
 
 def attach(engine, exchange: NodeExchange) -> NodeExchange:
     """Wrap `engine.step`: at each accumulation boundary, exchange the shards, then step. Attach before the
-    gradient scaler (grad_scaling.attach), so its skip decision comes first; a skipped step exchanges nothing."""
+    gradient scaler (grad_scaling.attach), so its wrapper runs first: it unscales the shards (the exchange and
+    its error buffers see unscaled gradients, PAPER §5.4) and decides the skip; a skipped step exchanges nothing."""
+    if hasattr(engine, "grad_scaler"):  # the other order would exchange gradients still at the block scales
+        raise RuntimeError("attach the node exchange before the gradient scaler (grad_scaling.attach)")
     original_step = engine.step
 
     def step(*args, **kwargs):

@@ -55,10 +55,10 @@ def _train(engine, batches, inject=None):
     return losses
 
 
-@pytest.mark.parametrize("stage", [0, 3])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_pow2_scaling_is_bit_identical_in_fp32(stage):
     """With power-of-two scales that change during the run (2^6, doubling every step) and no faults, fp32
-    training gives bit-identical parameters to the same run without scaling (ZeRO-0 and ZeRO-3)."""
+    training gives bit-identical parameters to the same run without scaling (ZeRO-0, ZeRO-2 and ZeRO-3)."""
     cfg = _cfg()
     torch.manual_seed(0)
     base = Prior(cfg.prior)
@@ -123,7 +123,7 @@ def test_filter_confines_a_fault_to_its_block(where, value):
         assert not torch.equal(gc["blocks.0.attn_branch.ln.weight"], gf["blocks.0.attn_branch.ln.weight"])
 
 
-@pytest.mark.parametrize("stage,policy", [(0, "skip"), (3, "skip"), (3, "zero_block")])
+@pytest.mark.parametrize("stage,policy", [(0, "skip"), (2, "zero_block"), (3, "skip"), (3, "zero_block")])
 def test_engine_recovers_from_an_injected_overflow(stage, policy):
     """Through the DeepSpeed engine: a NaN injected into one block on step 2 never reaches a parameter; with
     `skip` the step leaves every parameter unchanged, with `zero_block` only the other blocks move; only that
@@ -264,8 +264,8 @@ def underflow_experiment(depth=48, d=32, gain=2.0, batch=64, seed=0):
                  for gs, b in zip(scaler.fp32_grads(), m.branches)]
     per_frac = flushed([[p.grad for p in b.parameters() if p.dim() == 2] for b in m.branches])
     assert all(torch.isfinite(g).all() for gs in per_block for g in gs)
-    # the same scales, but parameter gradients unscaled inside the fp16 tensor hook (what the DeepSpeed
-    # wiring does): the activation gradients are protected, the stored fp16 weight gradients are not
+    # the same scales, but parameter gradients unscaled inside the fp16 tensor hook (unscale_params="hook", what
+    # the DeepSpeed wiring did before it moved the unscale after the reduce): the stored fp16 weight gradients flush
     m2 = copy.deepcopy(model)
     s2 = ResblockGradScaler([(f"b{i}", b) for i, b in enumerate(m2.branches)], scaler.policy, unscale_params="hook")
     s2.scales = list(scaler.scales)
@@ -307,3 +307,88 @@ def test_zero_block_under_zero3_zeroes_exactly_that_blocks_shards():
         elif n.startswith("blocks.") and n.endswith("weight") and before[n].dim() >= 2:
             assert (after[n] - before[n]).abs().max() > 1e-5, n
     assert scaler.last_bad == [3]
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter gradients stay scaled through ZeRO's reduce and are unscaled on the local shards (§5.4 step 1)
+
+def _spy_partitions(engine, names):
+    """Record, per parameter name, the reduce-scattered gradient partitions ZeRO-3 hands to partition_grads."""
+    opt, seen = engine.optimizer, {}
+    by_id = {id(p): n for n, p in engine.module.named_parameters() if n in names}
+    original = opt.partition_grads
+
+    def spy(params, grads):
+        for p, g in zip(params, grads):
+            if id(p) in by_id:
+                seen.setdefault(by_id[id(p)], []).append(g.detach().clone())
+        return original(params, grads)
+
+    opt.partition_grads = spy  # instance attribute: ZeRO-3 calls self.partition_grads after each reduce
+    return seen
+
+
+def test_param_grads_reach_zero3_reduce_scaled_and_step_unscaled():
+    """ZeRO-3 (fp32, one rank), block scale 2^20: the gradient partitions ZeRO reduces and stores, and the local
+    shards just before engine.step, are exactly 2^20 times the unscaled run's; the applied updates and the
+    parameters after three steps are bit-identical to the run without scaling."""
+    from deepspeed.utils import safe_get_local_grad
+
+    cfg = _cfg()
+    torch.manual_seed(0)
+    base = Prior(cfg.prior)
+    plain, scaled = _engine(copy.deepcopy(base), 3), _engine(copy.deepcopy(base), 3)
+    scaler = scaler_for(scaled, scaled.module, ScalingPolicy(mode="pow2", init_log2=20, min_log2=0,
+                                                             growth_interval=10**6))
+    assert scaler.scales[3] == 2.0 ** 20
+    names = ["blocks.1.mlp_branch.fc.weight", "blocks.0.attn_branch.ln.weight", "head.weight"]
+    seen_p, seen_s = _spy_partitions(plain, names), _spy_partitions(scaled, names)
+    for text, image in _batches(cfg, 3):
+        shards = []
+        for eng in (plain, scaled):
+            loss, _ = eng(text, image)
+            eng.backward(loss)
+            # between backward and step: the local shard ZeRO-3 stores (what step reads)
+            shards.append({n: safe_get_local_grad(p).clone() for n, p in eng.module.named_parameters() if n in names})
+        for n in names:
+            factor = 1.0 if n == "head.weight" else 2.0 ** 20  # the head is outside every resblock
+            assert torch.equal(shards[1][n], shards[0][n] * factor), n
+            assert shards[0][n].abs().max() > 0, n
+        plain.step()
+        scaled.step()
+    for n in names:
+        factor = 1.0 if n == "head.weight" else 2.0 ** 20
+        assert len(seen_s[n]) == len(seen_p[n]) > 0
+        assert all(torch.equal(s, p * factor) for s, p in zip(seen_s[n], seen_p[n])), n
+    a, b = _full_params(plain), _full_params(scaled)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["blocks.1.mlp_branch.fc.weight"], base.state_dict()["blocks.1.mlp_branch.fc.weight"])
+    assert scaler.last_bad == [] and scaler.skipped == 0
+
+
+def test_two_rank_zero3_scaled_reduce_and_agreed_backoff(tmp_path):
+    """`deepspeed --num_gpus 2` (CPU ranks, ZeRO-3, different data per rank): the averaged gradient partitions
+    are exactly 2^20 times the unscaled run's on both ranks and the parameters stay bit-identical; an inf in
+    one block's weight gradients on rank 1, which after the reduce-scatter lands in rank 0's shards only,
+    makes both ranks skip the step and back off that block alone."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(str(p) for p in (REPO, REPO / "tests", REPO / "tests/training")))
+    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", "29761",
+           str(REPO / "tests/training/run_grad_scaling_2rank.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["params_identical"] and ranks[0]["unchanged"]  # gathered on rank 0
+    for r in ranks:
+        assert r["scaled_at_reduce"] and r["n_partitions"] == 3, r
+        assert r["last_bad"] == [3] and r["skipped"] == 1, r
+        assert r["scales_log2"][3] == 19 and all(s == 20 for i, s in enumerate(r["scales_log2"]) if i != 3)
+    assert ranks[0]["scales_log2"] == ranks[1]["scales_log2"]
+    assert (ranks[0]["local_bad"], ranks[1]["local_bad"]) == ([3], [])  # rank 1 learnt it from the all-reduce
