@@ -40,6 +40,7 @@ def run_demo(cfg: ExperimentConfig, out_dir: str | Path, *, num_captions: int = 
     t = time.perf_counter()
     dvae, _ = load_dvae(out / "dvae" / "dvae.pt", cfg)
     ceiling = dvae_ceiling(dvae, cfg)
+    ceiling_heldout = dvae_ceiling(dvae, cfg, split="heldout")
     encode_to_disk(dvae, cfg, out / "tokens")
     times["encode_s"] = time.perf_counter() - t
 
@@ -75,6 +76,8 @@ def run_demo(cfg: ExperimentConfig, out_dir: str | Path, *, num_captions: int = 
         "dvae_recon_psnr": dvae_summary["recon_psnr"],
         # the checker on the dVAE's own reconstructions of validation images: the prior's ceiling
         "dvae_recon_composition_accuracy": ceiling,
+        # ... and of held-out-pair images, which the dVAE never trained on: the ceiling for zero-shot
+        "dvae_recon_heldout_composition_accuracy": ceiling_heldout,
         "prior_val_loss_text": prior_summary["val_loss_text"],
         "prior_val_loss_image": prior_summary["val_loss_image"],
         "dvae_steps": dvae_summary["step"],
@@ -85,16 +88,21 @@ def run_demo(cfg: ExperimentConfig, out_dir: str | Path, *, num_captions: int = 
     return metrics
 
 
-def dvae_ceiling(dvae, cfg: ExperimentConfig, n: int = 256) -> float:
-    """Fraction of validation images whose encode -> decode reconstruction the checker still reads right
-    (colour and shape): no prior can draw better than its dVAE renders."""
+def dvae_ceiling(dvae, cfg: ExperimentConfig, n: int = 256, split: str = "val") -> float:
+    """Fraction of `split` images ("val": seen pairs; "heldout": held-out pairs, single shapes) whose
+    encode -> decode reconstruction the checker still reads right (colour and shape): no prior can draw
+    better than its dVAE renders."""
     import torch  # noqa: PLC0415
 
+    from dalle_ds.data.shapes import ShapesDataset  # noqa: PLC0415
     from dalle_ds.data.sources import image_dataset  # noqa: PLC0415
     from dalle_ds.eval.composition import composition_accuracy  # noqa: PLC0415
 
-    val = image_dataset(cfg.data, "val")
-    items = [val[i] for i in range(min(n, len(val)))]
+    if split == "heldout":
+        data = ShapesDataset(split="heldout", size=n, image_size=cfg.data.image_size, seed=cfg.data.seed)
+    else:
+        data = image_dataset(cfg.data, split)
+    items = [data[i] for i in range(min(n, len(data)))]
     with torch.no_grad():
         x = torch.stack([it["image"] for it in items]).float() / 255          # (N, 3, H, W)
         recon = (dvae.decode(dvae.encode(x)) * 255).round().to(torch.uint8)   # (N, 3, H, W)

@@ -15,7 +15,7 @@ def test_tiny_demo_writes_samples_and_metrics(tmp_path):
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
     for key in ("heldout_composition_accuracy", "seen_composition_accuracy", "dvae_recon_psnr",
-                "dvae_recon_composition_accuracy",
+                "dvae_recon_composition_accuracy", "dvae_recon_heldout_composition_accuracy",
                 "prior_val_loss_text", "prior_val_loss_image"):
         assert key in saved and 0 <= saved[key] < 100, key
     assert saved["heldout_samples"] == 8
