@@ -67,13 +67,17 @@ class ScalingPolicy:
             raise ValueError("grad scaling: need min_log2 <= init_log2 <= max_log2")
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient entering the branch by the block's scale."""
+class _BlockIdentity(torch.autograd.Function):
+    """Identity forward that remembers (scaler, block) for a subclass's backward."""
 
     @staticmethod
     def forward(ctx, x, scaler, block):
         ctx.scaler, ctx.block = scaler, block
         return x.view_as(x)
+
+
+class _ScaleGrad(_BlockIdentity):
+    """Backward multiplies the gradient entering the branch by the block's scale."""
 
     @staticmethod
     def backward(ctx, g):
@@ -85,13 +89,8 @@ class _ScaleGrad(torch.autograd.Function):
         return g, None, None
 
 
-class _UnscaleFilter(torch.autograd.Function):
-    """Identity forward; backward zeroes inf/NaN in the gradient leaving the branch, then unscales it."""
-
-    @staticmethod
-    def forward(ctx, x, scaler, block):
-        ctx.scaler, ctx.block = scaler, block
-        return x.view_as(x)
+class _UnscaleFilter(_BlockIdentity):
+    """Backward zeroes inf/NaN in the gradient leaving the branch, then unscales it."""
 
     @staticmethod
     def backward(ctx, g):
