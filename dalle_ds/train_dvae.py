@@ -34,7 +34,7 @@ from dalle_ds.training.loop import LoopConfig, fit
 
 def load_images(dataset, indices: list[int]) -> torch.Tensor:
     """(B, 3, H, W) uint8 -> float in [0, 1]."""
-    return torch.stack([dataset[i]["image"] for i in indices]).float().div_(255.0)
+    return stack_images([dataset[i] for i in indices])
 
 
 VAL_LIMIT = 512  # validation images for the reconstruction PSNR
