@@ -2,11 +2,33 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
+def child_env() -> dict:
+    """Environment for a child process: one thread, the repo and the test helpers importable, and none of
+    the rank variables that in-process tests set for their world of one (a child must pick its own)."""
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
+    path = os.pathsep.join(str(p) for p in (REPO, REPO / "tests", REPO / "tests/training"))
+    return dict(env, PYTHONPATH=path, OMP_NUM_THREADS="1")
+
+
+def launch_deepspeed(num_gpus: int, port: int, script: str, *args, timeout: int = 600):
+    """`deepspeed --num_gpus N` (CPU ranks) running tests/training/<script> with `args`; fails the calling
+    test, with the output's tail, when the launch exits non-zero. Returns the CompletedProcess."""
+    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(num_gpus),
+           "--master_port", str(port), str(REPO / "tests/training" / script), *map(str, args)]
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 def make_encoded_dataset(path: Path, cfg, *, n_train: int = 64, n_val: int = 16, seed: int = 0) -> Path:

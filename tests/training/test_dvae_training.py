@@ -109,21 +109,13 @@ def test_streamed_resume_reads_the_same_items_and_loss_curve(tmp_path, tiny_cfg,
 def test_two_rank_stream_reads_disjoint_items(tmp_path, tiny_cfg):
     """`deepspeed --num_gpus 2`: each rank streams its own shard of the folder; the items read are the
     expected ones per rank and no item is read by both."""
-    import os
-    import subprocess
-    import sys
-
-    from helpers import REPO
+    from helpers import launch_deepspeed
     from dirty import make_dirty_folder
 
     make_dirty_folder(tmp_path / "dirty", n_good=10)
     steps = 3
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
-           "--master_port", "29741", str(REPO / "tests/training/run_tiny_dvae_stream.py"), str(tmp_path / "dirty"),
-           str(tmp_path / "two"), str(write_ds_config(tmp_path / "ds.json", micro=2, stage=0)), str(steps)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launch_deepspeed(2, 29741, "run_tiny_dvae_stream.py", tmp_path / "dirty", tmp_path / "two",
+                     write_ds_config(tmp_path / "ds.json", micro=2, stage=0), steps, timeout=300)
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert len(summary["losses"]) == steps
     ranks = summary["data_report"]["stream_ranks"]

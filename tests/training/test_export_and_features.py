@@ -1,13 +1,12 @@
 """`dalle-ds export` (safetensors + config + tokenizer, no DeepSpeed needed to load and sample), and a
 two-rank ZeRO-3 CPU run with per-resblock scaling, activation checkpointing and EMA switched on."""
 import json
-import os
 import subprocess
 import sys
 
 import torch
 
-from helpers import REPO, make_encoded_dataset, write_ds_config
+from helpers import child_env, launch_deepspeed, make_encoded_dataset, write_ds_config
 from dalle_ds.config import apply_overrides
 from dalle_ds.export import export_run, read_export
 from dalle_ds.train_prior import load_prior, train_prior
@@ -27,13 +26,6 @@ print("sampled", out.tolist())
 """
 
 
-def _env():
-    # in-process tests before this one set RANK/MASTER_PORT for their world of one: a child must pick its own
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    return dict(env, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-
-
 def test_export_loads_and_samples_without_deepspeed(tmp_path, tiny_cfg):
     """The export of the latest checkpoint equals the trained weights bit for bit, and a process in which
     `import deepspeed` fails loads it and samples; the CLI subcommand writes the same files."""
@@ -47,11 +39,11 @@ def test_export_loads_and_samples_without_deepspeed(tmp_path, tiny_cfg):
     assert set(state) == set(trained) and all(torch.equal(state[k], trained[k]) for k in state)
     model, _, saved = load_prior(out)
     assert saved == cfg
-    proc = subprocess.run([sys.executable, "-c", NO_DEEPSPEED, str(out)], env=_env(), capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", NO_DEEPSPEED, str(out)], env=child_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and "sampled" in proc.stdout, proc.stderr[-3000:]
     cli = subprocess.run([sys.executable, "-m", "dalle_ds.export", "--run", str(tmp_path / "run"), "--out",
-                          str(tmp_path / "cli")], env=_env(), capture_output=True, text=True, timeout=120)
+                          str(tmp_path / "cli")], env=child_env(), capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0, cli.stderr[-3000:]
     assert (tmp_path / "cli" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
@@ -65,14 +57,11 @@ def test_two_rank_zero3_with_scaling_checkpointing_and_ema(tmp_path, tiny_cfg):
     single = train_prior(apply_overrides(tiny_cfg, [f"prior_train.steps={steps}"]),
                          ds_config=write_ds_config(tmp_path / "one.json", micro=8, stage=0),
                          data_dir=data, out_dir=tmp_path / "single", progress=False)
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
-           "--master_port", "29733", str(REPO / "tests/training/run_tiny_prior.py"), str(data),
-           str(tmp_path / "two"), str(write_ds_config(tmp_path / "z3.json", micro=4, stage=3)), str(steps),
-           "prior_train.grad_scaling=pow2", "prior_train.grad_scale_init_log2=5", "prior_train.grad_scale_min_log2=0",
-           "prior_train.grad_scale_growth_interval=2", "prior_train.activation_checkpoint_every=2",
-           "prior_train.ema_decay=0.5", "prior_train.ema_every=2"]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launch_deepspeed(2, 29733, "run_tiny_prior.py", data, tmp_path / "two",
+                     write_ds_config(tmp_path / "z3.json", micro=4, stage=3), steps,
+                     "prior_train.grad_scaling=pow2", "prior_train.grad_scale_init_log2=5",
+                     "prior_train.grad_scale_min_log2=0", "prior_train.grad_scale_growth_interval=2",
+                     "prior_train.activation_checkpoint_every=2", "prior_train.ema_decay=0.5", "prior_train.ema_every=2")
     two = json.loads((tmp_path / "two" / "losses.json").read_text())
     ref = [h["loss"] for h in single["history"]]
     assert torch.allclose(torch.tensor(two), torch.tensor(ref), rtol=1e-4, atol=1e-5), (two, ref)

@@ -372,18 +372,10 @@ def test_two_rank_zero3_scaled_reduce_and_agreed_backoff(tmp_path):
     one block's weight gradients on rank 1, which after the reduce-scatter lands in rank 0's shards only,
     makes both ranks skip the step and back off that block alone."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    from helpers import REPO
+    from helpers import launch_deepspeed
 
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(str(p) for p in (REPO, REPO / "tests", REPO / "tests/training")))
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", "29761",
-           str(REPO / "tests/training/run_grad_scaling_2rank.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launch_deepspeed(2, 29761, "run_grad_scaling_2rank.py", tmp_path, timeout=300)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["params_identical"] and ranks[0]["unchanged"]  # gathered on rank 0
     for r in ranks:

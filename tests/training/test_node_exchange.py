@@ -1,26 +1,19 @@
 """ZeRO-3 within simulated nodes, compressed gradient exchange between them, under real DeepSpeed engines
 (`deepspeed --num_gpus N` on CPU ranks, as test_prior_training.py launches them)."""
 import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from helpers import REPO, make_encoded_dataset, write_ds_config
+from helpers import launch_deepspeed, make_encoded_dataset, write_ds_config
 from dalle_ds.config import ConfigError, load_config
 from dalle_ds.training.node_groups import resolve_ranks_per_node
 
 
 def _launch(n: int, port: int, script: str, *args) -> float:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(n), "--master_port",
-           str(port), str(REPO / "tests/training" / script), *map(str, args)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launch_deepspeed(n, port, script, *args)
     return time.perf_counter() - t0
 
 

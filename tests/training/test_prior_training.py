@@ -1,13 +1,10 @@
 """Prior training under real DeepSpeed engines: ZeRO-3 across two CPU ranks, exact resume, export."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import REPO, make_encoded_dataset, write_ds_config
+from helpers import launch_deepspeed, make_encoded_dataset, write_ds_config
 from dalle_ds.config import apply_overrides
 from dalle_ds.train_prior import load_prior, train_prior
 
@@ -27,12 +24,8 @@ def test_two_rank_zero3_matches_single_process(tmp_path, tiny_cfg, tied):
     single = train_prior(apply_overrides(tiny_cfg, [f"prior_train.steps={steps}", tie]),
                          ds_config=write_ds_config(tmp_path / "one.json", micro=8, stage=0),
                          data_dir=data, out_dir=tmp_path / "single", progress=False)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
-           "--master_port", "29731", str(REPO / "tests/training/run_tiny_prior.py"), str(data),
-           str(tmp_path / "two"), str(write_ds_config(tmp_path / "z3.json", micro=4, stage=3)), str(steps), tie]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launch_deepspeed(2, 29731, "run_tiny_prior.py", data, tmp_path / "two",
+                     write_ds_config(tmp_path / "z3.json", micro=4, stage=3), steps, tie)
     two = json.loads((tmp_path / "two" / "losses.json").read_text())
     assert len(two) == steps
     assert torch.allclose(torch.tensor(two), torch.tensor(_losses(single)), rtol=1e-4, atol=1e-5), \

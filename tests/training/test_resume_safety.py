@@ -1,7 +1,6 @@
 """Exact, safe resume: SIGKILL at any step then restart = the uninterrupted loss curve; SIGTERM saves and exits
 cleanly; a crash during a save never leaves a half-written checkpoint marked latest."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import time
 import pytest
 import torch
 
-from helpers import REPO, make_encoded_dataset, write_ds_config
+from helpers import child_env, make_encoded_dataset, write_ds_config
 from dalle_ds.config import apply_overrides
 from dalle_ds.train_prior import train_prior
 from dalle_ds.training import checkpoint as ckpt
@@ -31,13 +30,6 @@ def _cmd(data, out, ds):
     return args
 
 
-def _env():
-    # in-process tests before this one set RANK/MASTER_PORT for their world of one: a child must pick its own
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    return dict(env, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-
-
 def _curve(out):
     """step -> loss, the last logged value of each step (a resumed run re-logs the steps after its checkpoint)."""
     curve = {}
@@ -54,11 +46,11 @@ def test_sigkill_then_restart_gives_the_uninterrupted_curve(tmp_path, tiny_cfg):
     per-resblock scaling on), and the exported weights are identical."""
     data = make_encoded_dataset(tmp_path / "data", tiny_cfg)
     ds = write_ds_config(tmp_path / "ds.json", micro=4, stage=0)
-    full = subprocess.run(_cmd(data, tmp_path / "full", ds), env=_env(), capture_output=True, text=True, timeout=300)
+    full = subprocess.run(_cmd(data, tmp_path / "full", ds), env=child_env(), capture_output=True, text=True, timeout=300)
     assert full.returncode == 0, full.stderr[-3000:]
 
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(_cmd(data, cut, ds), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cmd(data, cut, ds), env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     early = (None, "step00000001", "step00000002")
     while time.time() < deadline and proc.poll() is None and ckpt.latest_tag(cut / "checkpoints") in early:
@@ -67,7 +59,7 @@ def test_sigkill_then_restart_gives_the_uninterrupted_curve(tmp_path, tiny_cfg):
     proc.wait()
     killed_at = ckpt.latest_tag(cut / "checkpoints")
     assert killed_at is not None and killed_at != f"step{STEPS:08d}", "the run finished before it was killed"
-    again = subprocess.run(_cmd(data, cut, ds), env=_env(), capture_output=True, text=True, timeout=300)
+    again = subprocess.run(_cmd(data, cut, ds), env=child_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     a, b = _curve(tmp_path / "full"), _curve(cut)
     assert sorted(a) == list(range(1, STEPS + 1)) and a == b, (killed_at, a, b)
@@ -83,7 +75,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, tiny_cfg):
     ds = write_ds_config(tmp_path / "ds.json", micro=4, stage=0)
     out = tmp_path / "run"
     cmd = _cmd(data, out, ds) + ["--set", "prior_train.save_every=1000", "--set", "prior_train.steps=100000"]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not ((out / "metrics.jsonl").exists()
                                           and (out / "metrics.jsonl").read_text().count("\n") >= 2):
