@@ -329,17 +329,18 @@ def preset_shapes() -> ExperimentConfig:
     colours within the demo's budget. Schedules are the paper's shapes compressed to a few thousand steps:
     the KL weight is on from the start (the paper's 5000-step warm-up is 0.2% of its run; a long warm-up
     here let the encoder collapse to one code), the temperature anneals over most of the run, and ln b is
-    capped (`dvae.max_log_b`) so the decoder cannot shrug off colour errors as noise.
+    capped (`dvae.max_log_b`) so the decoder cannot shrug off colour errors as noise. With six shapes the
+    codebook needs 256 codes: at 128 the checker read 55 % of reconstructions right, at 256 69 %.
     """
     return ExperimentConfig(
         data=DataConfig(image_size=16, num_train=20000, num_val=512, two_shape_prob=0.3),
         tokenizer=TokenizerConfig(vocab_size=256, text_len=32),
-        dvae=DVAEConfig(image_size=16, n_hid=32, n_groups=2, n_blk_per_group=1, n_init=32, vocab_size=128,
+        dvae=DVAEConfig(image_size=16, n_hid=32, n_groups=2, n_blk_per_group=1, n_init=32, vocab_size=256,
                         max_log_b=-1.0),
         dvae_train=DVAETrainConfig(steps=4000, lr=2e-3, lr_end=1e-4, lr_decay_steps=4000, kl_weight=1.0,
                                    kl_warmup_steps=0, temp_anneal_steps=3300, ema_decay=0.99,
                                    log_every=50, save_every=500),
-        prior=PriorConfig(text_len=32, text_vocab_size=256, image_grid=8, image_vocab_size=128,
+        prior=PriorConfig(text_len=32, text_vocab_size=256, image_grid=8, image_vocab_size=256,
                           d_model=128, n_layers=4, n_heads=4, conv_kernel=5,
                           attention_backend="dense"),  # the demo's timings were measured with dense
         prior_train=PriorTrainConfig(steps=1500, lr=1e-3, warmup_steps=100, weight_decay=1e-2,

@@ -17,7 +17,9 @@ from dalle_ds.training.distributed import is_main
 
 def run_demo(cfg: ExperimentConfig, out_dir: str | Path, *, num_captions: int = 64, per_caption: int = 2,
              dvae_ds: str | Path = DS_CONFIGS / "demo_dvae.json",
-             prior_ds: str | Path = DS_CONFIGS / "demo_prior.json", progress: bool = True) -> dict:
+             prior_ds: str | Path = DS_CONFIGS / "demo_prior.json", progress: bool = True,
+             dvae_path: str | Path | None = None) -> dict:
+    """The whole demo; `dvae_path` (a dvae.pt of the same config) skips training stage 1."""
     import torch  # noqa: PLC0415
 
     from dalle_ds.data.encode import encode_to_disk  # noqa: PLC0415
@@ -25,7 +27,8 @@ def run_demo(cfg: ExperimentConfig, out_dir: str | Path, *, num_captions: int = 
     from dalle_ds.eval.composition import composition_accuracy  # noqa: PLC0415
     from dalle_ds.sample import generate  # noqa: PLC0415
     from dalle_ds.sampling.grid import save_grid  # noqa: PLC0415
-    from dalle_ds.train_dvae import load_dvae, train_dvae  # noqa: PLC0415
+    from dalle_ds.data.sources import image_dataset  # noqa: PLC0415
+    from dalle_ds.train_dvae import load_dvae, recon_psnr, train_dvae  # noqa: PLC0415
     from dalle_ds.train_prior import load_prior, train_prior  # noqa: PLC0415
 
     out = Path(out_dir)
@@ -34,11 +37,15 @@ def run_demo(cfg: ExperimentConfig, out_dir: str | Path, *, num_captions: int = 
     times: dict[str, float] = {}
 
     t = time.perf_counter()
-    dvae_summary = train_dvae(cfg, ds_config=dvae_ds, out_dir=out / "dvae", progress=progress)
-    times["dvae_train_s"] = time.perf_counter() - t
+    if dvae_path is None:
+        dvae_summary = train_dvae(cfg, ds_config=dvae_ds, out_dir=out / "dvae", progress=progress)
+        dvae_path = out / "dvae" / "dvae.pt"
+        times["dvae_train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    dvae, _ = load_dvae(out / "dvae" / "dvae.pt", cfg)
+    dvae, _ = load_dvae(dvae_path, cfg)
+    if "dvae_train_s" not in times:  # reused: measure it the same way training does
+        dvae_summary = {"recon_psnr": recon_psnr(dvae, image_dataset(cfg.data, "val")), "step": 0}
     ceiling = dvae_ceiling(dvae, cfg)
     ceiling_heldout = dvae_ceiling(dvae, cfg, split="heldout")
     encode_to_disk(dvae, cfg, out / "tokens")
@@ -116,8 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--captions", type=int, default=64, help="held-out captions to sample")
     p.add_argument("--per-caption", type=int, default=2, help="samples per held-out caption")
+    p.add_argument("--dvae", default=None, help="reuse this dvae.pt (same config) instead of training stage 1")
     args = p.parse_args(argv)
-    metrics = run_demo(config_from_args(args), args.out, num_captions=args.captions, per_caption=args.per_caption)
+    metrics = run_demo(config_from_args(args), args.out, num_captions=args.captions, per_caption=args.per_caption,
+                       dvae_path=args.dvae)
     if is_main():
         out = Path(args.out).resolve()
         print(json.dumps(metrics, indent=2))

@@ -20,7 +20,7 @@ How, and why it survives the blur, noise and colour drift of a small dVAE:
 2. Shape, by fitting a generative model rather than thresholding. Around the blob, the colour's
    strength map s = min(on channels) - max(off channels) is computed (1 inside a pure shape, 0 on
    black and on every other palette colour, proportional to coverage on anti-aliased edges). For each
-   candidate shape (square, disc, apex-up triangle) the size follows from the blob's half-maximum
+   candidate shape (square, disc, apex-up triangle, diamond, cross, 2:1 bar) the size follows from the blob's half-maximum
    area, the position from its strength-weighted centroid (a triangle's box centre lies a sixth of its
    height above its centroid), and the template is rendered with sub-pixel coverage, blurred with a
    Gaussian of sigma in {0, 0.5, 1, 1.5, 2} px at 32 px (scaled with the image) and scaled by the
@@ -59,6 +59,8 @@ MAX_AREA = 0.45
 MAX_RESIDUAL = 0.15      # best relative template residual above which the blob is no shape of ours
 BLURS_AT_32 = (0.0, 0.5, 1.0, 1.5, 2.0)  # Gaussian sigmas tried, in pixels of a 32 px image
 SIZE_FACTORS = (0.9, 1.0, 1.1)
+# Fraction of its bounding box each shape covers (gives the box side from a blob's area).
+SHAPE_AREA = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5, "diamond": 0.5, "cross": 5 / 9, "bar": 0.5}
 SUPERSAMPLE = 4          # sub-pixels per side when rendering templates
 # Cell boundaries half-way between the canonical centres; size boundary between the two box sides.
 GRID_SPLITS = ((GRID_CENTRES[0] + GRID_CENTRES[1]) / 2, (GRID_CENTRES[1] + GRID_CENTRES[2]) / 2)
@@ -160,7 +162,16 @@ def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
     if shape == "circle":
         return (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
-    return (v >= 0) & (v <= 1) & (np.abs(u - 0.5) <= v / 2)  # apex-up triangle
+    if shape == "triangle":  # apex up
+        return (v >= 0) & (v <= 1) & (np.abs(u - 0.5) <= v / 2)
+    if shape == "diamond":
+        return np.abs(u - 0.5) + np.abs(v - 0.5) <= 0.5
+    if shape == "cross":  # arms a third of the box wide
+        in_box = (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
+        return in_box & ((np.abs(u - 0.5) <= 1 / 6) | (np.abs(v - 0.5) <= 1 / 6))
+    if shape == "bar":  # full width, middle half of the height
+        return (u >= 0) & (u <= 1) & (np.abs(v - 0.5) <= 0.25)
+    raise ValueError(f"unknown shape {shape!r}")
 
 
 def _render_template(shape: str, cx: float, cy: float, side: float, y0: int, x0: int,
@@ -210,8 +221,7 @@ def fit_shape(strength: np.ndarray, blob: np.ndarray) -> dict:
     scale = W / 32
     residuals, fits = {}, {}
     for shape in SHAPES:
-        side0 = {"square": np.sqrt(area), "circle": 2 * np.sqrt(area / np.pi),
-                 "triangle": np.sqrt(2 * area)}[shape]
+        side0 = np.sqrt(area / SHAPE_AREA[shape])  # box side whose shape has the blob's area
         best = (np.inf, None)
         for factor in SIZE_FACTORS:
             side = side0 * factor

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from dalle_ds.data.shapes import (COLOURS, FAR_POSITION_PAIRS, HELDOUT_PAIRS, PALETTE, POSITIONS, SHAPES,
+from dalle_ds.data.shapes import (COLOURS, FAR_POSITION_PAIRS, HELDOUT_PAIRS, MAX_SHIFT, PALETTE, POSITIONS, SHAPES,
                                   SIZES, TRAIN_PAIRS, ShapesDataset, ShapeSpec, caption_of, heldout_captions,
                                   parse_caption, render_caption, render_scene, scene_from_caption)
 
@@ -20,11 +21,11 @@ def test_heldout_design():
     assert len(HELDOUT_PAIRS) == len(set(HELDOUT_PAIRS)) == len(COLOURS)
     assert sorted(c for c, _ in HELDOUT_PAIRS) == sorted(COLOURS)  # one held-out shape per colour
     for shape in SHAPES:
-        assert sum(s == shape for _, s in HELDOUT_PAIRS) == 2      # every shape held out with 2 colours
+        assert sum(s == shape for _, s in HELDOUT_PAIRS) == 1      # every shape held out once
     for colour in COLOURS:
         assert sum(c == colour for c, _ in TRAIN_PAIRS) == len(SHAPES) - 1
     for shape in SHAPES:
-        assert sum(s == shape for _, s in TRAIN_PAIRS) == len(COLOURS) - 2
+        assert sum(s == shape for _, s in TRAIN_PAIRS) == len(COLOURS) - 1
 
 
 def test_deterministic_any_order_and_instance():
@@ -71,12 +72,13 @@ def test_captions_parse_back_to_the_scene():
     for i in range(200):
         scene = ds.scene(i)
         caption = ds.caption(i)
-        assert parse_caption(caption) == scene == scene_from_caption(caption)
+        unshifted = [replace(s, shift=(0.0, 0.0)) for s in scene]  # a caption does not name the shift
+        assert parse_caption(caption) == unshifted == scene_from_caption(caption)
         assert caption_of(parse_caption(caption)) == caption
         n_two += len(scene) == 2
     assert 60 < n_two < 140
     item = ds[5]
-    assert np.array_equal(render_caption(item["caption"], 32), item["image"].permute(1, 2, 0).numpy())
+    assert np.array_equal(render_scene(ds.scene(5), 32), item["image"].permute(1, 2, 0).numpy())
     assert parse_caption("A Large  RED circle at the Center.") == [
         ShapeSpec(colour="red", shape="circle", size="large", position="centre")]
     assert caption_of(parse_caption("a small red triangle at the top left and a large blue circle at the bottom right")) \
@@ -109,7 +111,7 @@ def test_heldout_split_covers_every_heldout_pair():
     scenes = [ds.scene(i) for i in range(108)]
     assert all(len(s) == 1 for s in scenes)
     assert {(s[0].colour, s[0].shape) for s in scenes[:6]} == set(HELDOUT_PAIRS)  # any n >= 6 covers all
-    assert len({s[0] for s in scenes}) == 108  # every pair x size x position exactly once
+    assert len({replace(s[0], shift=(0.0, 0.0)) for s in scenes}) == 108  # every pair x size x position once
     assert heldout_captions(108, seed=1) == [ds.caption(i) for i in range(108)]
     assert heldout_captions(12, seed=1) == heldout_captions(108, seed=1)[:12]
     assert heldout_captions(12, seed=2) != heldout_captions(12, seed=1)
@@ -132,6 +134,25 @@ def test_two_shapes_never_overlap():
             grown[:, 1:] |= grown[:, :-1].copy()
             grown[:, :-1] |= grown[:, 1:].copy()
             assert not (grown & b).any(), (size, pa, pb, sa, sb)
+
+
+def test_scene_shift_is_shared_bounded_and_keeps_boxes_inside():
+    """Every split shifts its scenes as a whole by at most MAX_SHIFT per axis, clamped to the image."""
+    shifts = []
+    for split in ("train", "val", "heldout"):
+        ds = ShapesDataset(split=split, size=300, image_size=16, two_shape_prob=0.5)
+        for i in range(300):
+            scene = ds.scene(i)
+            assert len({s.shift for s in scene}) == 1
+            dx, dy = scene[0].shift
+            assert abs(dx) <= MAX_SHIFT + 1e-12 and abs(dy) <= MAX_SHIFT + 1e-12
+            for s in scene:
+                x0, y0, x1, y1 = s.box
+                assert 0.0 <= x0 and 0.0 <= y0 and x1 <= 1.0 and y1 <= 1.0, (split, i, s)
+            shifts.append((dx, dy))
+    dx = np.array(shifts)
+    assert dx.min() < -0.8 * MAX_SHIFT and dx.max() > 0.8 * MAX_SHIFT  # the whole range is used
+    assert len({round(v, 6) for v in dx[:, 0]}) > 500
 
 
 def test_shapes_stay_inside_the_image():
