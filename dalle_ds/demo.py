@@ -45,7 +45,7 @@ def run_demo(cfg: ExperimentConfig, out_dir: str | Path, *, num_captions: int = 
     t = time.perf_counter()
     dvae, _ = load_dvae(dvae_path, cfg)
     if "dvae_train_s" not in times:  # reused: measure it the same way training does
-        dvae_summary = {"recon_psnr": recon_psnr(dvae, image_dataset(cfg.data, "val")), "step": 0}
+        dvae_summary = {"recon_psnr": recon_psnr(dvae, image_dataset(cfg.data, "val")), "step": None}
     ceiling = dvae_ceiling(dvae, cfg)
     ceiling_heldout = dvae_ceiling(dvae, cfg, split="heldout")
     encode_to_disk(dvae, cfg, out / "tokens")

@@ -21,3 +21,18 @@ def test_tiny_demo_writes_samples_and_metrics(tmp_path):
     assert saved["heldout_samples"] == 8
     assert {"dvae_train_s", "encode_s", "prior_train_s", "sample_s", "total_s"} <= set(saved["wall_seconds"])
     assert (tmp_path / "out" / "samples.png").stat().st_size > 0
+
+
+def test_demo_reuses_a_trained_dvae(tmp_path):
+    """--dvae skips stage 1: no dVAE run folder, no dVAE training time, the same tokens and PSNR as the run
+    that trained it."""
+    cfg = load_config("tiny", overrides=["dvae_train.steps=4", "prior_train.steps=2", "data.num_train=32",
+                                         "data.num_val=16"])
+    ds = write_ds_config(tmp_path / "ds.json", micro=8, stage=0)
+    first = run_demo(cfg, tmp_path / "a", num_captions=2, per_caption=1, dvae_ds=ds, prior_ds=ds, progress=False)
+    again = run_demo(cfg, tmp_path / "b", num_captions=2, per_caption=1, dvae_ds=ds, prior_ds=ds, progress=False,
+                     dvae_path=tmp_path / "a" / "dvae" / "dvae.pt")
+    assert not (tmp_path / "b" / "dvae").exists() and "dvae_train_s" not in again["wall_seconds"]
+    assert again["dvae_recon_psnr"] == first["dvae_recon_psnr"]
+    assert again["dvae_recon_composition_accuracy"] == first["dvae_recon_composition_accuracy"]
+    assert again["dvae_steps"] is None and first["dvae_steps"] == 4
