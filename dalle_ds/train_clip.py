@@ -85,7 +85,7 @@ def train_clip(cfg: ExperimentConfig, out_dir: str | Path, *, dvae_path: str | P
         opt.step()
         sched.step()
         if (step + 1) % c.log_every == 0 or step + 1 == c.steps:
-            history.append({"step": step + 1, "loss": float(loss), **stats})
+            history.append({"step": step + 1, "loss": loss.detach().item(), **stats})
             if progress:
                 print(f"clip step {step + 1}/{c.steps} loss {float(loss):.4f} batch acc {stats['acc']:.3f}",
                       flush=True)
