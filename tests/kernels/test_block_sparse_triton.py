@@ -51,8 +51,9 @@ def inputs(L, dtype, B=1, H=2, D=16, seed=0):
 
 def assert_within_2x_baseline(got, base, want, dtype):
     """Each of out, dq, dk, dv: max error vs float64 at most 2x that of plain PyTorch attention computed
-    in the same precision (plus one ulp of the tensor's scale against ulp-level noise at tiny sizes)."""
-    eps = torch.finfo(dtype).eps
+    in the same precision, plus four ulps of the tensor's scale: at tiny sizes both errors are a few ulps and
+    their ratio depends on the CPU's summation order (an AVX-only CPU measured 3.1x at 1e-6)."""
+    eps = 4 * torch.finfo(dtype).eps
     for name, a, b, w in zip(("out", "dq", "dk", "dv"), got, base, want):
         err = (a.double() - w).abs().max().item()
         berr = (b.double() - w).abs().max().item()
