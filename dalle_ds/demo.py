@@ -36,15 +36,16 @@ def run_demo(cfg: ExperimentConfig, out_dir: str | Path, *, num_captions: int = 
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     times: dict[str, float] = {}
 
-    t = time.perf_counter()
-    if dvae_path is None:
+    reused = dvae_path is not None
+    if not reused:
+        t = time.perf_counter()
         dvae_summary = train_dvae(cfg, ds_config=dvae_ds, out_dir=out / "dvae", progress=progress)
         dvae_path = out / "dvae" / "dvae.pt"
         times["dvae_train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     dvae, _ = load_dvae(dvae_path, cfg)
-    if "dvae_train_s" not in times:  # reused: measure it the same way training does
+    if reused:  # measured the same way training measures it
         dvae_summary = {"recon_psnr": recon_psnr(dvae, image_dataset(cfg.data, "val")), "step": None}
     ceiling = dvae_ceiling(dvae, cfg)
     ceiling_heldout = dvae_ceiling(dvae, cfg, split="heldout")

@@ -87,7 +87,7 @@ def train_clip(cfg: ExperimentConfig, out_dir: str | Path, *, dvae_path: str | P
         if (step + 1) % c.log_every == 0 or step + 1 == c.steps:
             history.append({"step": step + 1, "loss": loss.detach().item(), **stats})
             if progress:
-                print(f"clip step {step + 1}/{c.steps} loss {float(loss):.4f} batch acc {stats['acc']:.3f}",
+                print(f"clip step {step + 1}/{c.steps} loss {history[-1]['loss']:.4f} batch acc {stats['acc']:.3f}",
                       flush=True)
     val_acc = retrieval_accuracy(model, tok, val_set)
     torch.save({"kind": "clip", "config": cfg.to_dict(), "state_dict": model.state_dict(),

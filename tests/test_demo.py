@@ -24,8 +24,8 @@ def test_tiny_demo_writes_samples_and_metrics(tmp_path):
 
 
 def test_demo_reuses_a_trained_dvae(tmp_path):
-    """--dvae skips stage 1: no dVAE run folder, no dVAE training time, the same tokens and PSNR as the run
-    that trained it."""
+    """--dvae skips stage 1: no dVAE run folder, no dVAE training time, the same PSNR and reconstruction
+    accuracy as the run that trained it."""
     cfg = load_config("tiny", overrides=["dvae_train.steps=4", "prior_train.steps=2", "data.num_train=32",
                                          "data.num_val=16"])
     ds = write_ds_config(tmp_path / "ds.json", micro=8, stage=0)
