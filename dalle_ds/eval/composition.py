@@ -23,8 +23,8 @@ How, and why it survives the blur, noise and colour drift of a small dVAE:
    candidate shape (square, disc, apex-up triangle, diamond, cross, 2:1 bar) the size follows from the
    blob's half-maximum area, the position from its strength-weighted centroid (a triangle's box centre
    lies a sixth of its height above its centroid), and the template is rendered with sub-pixel
-   coverage, blurred with a Gaussian of sigma in {0, 0.5, 1, 1.5, 2} px at 32 px (scaled with the image) and scaled by the
-   least-squares amplitude; sizes 0.9x, 1x and 1.1x are tried too. The shape with the smallest
+   coverage, blurred with a Gaussian of sigma in {0, 0.5, 1, 1.5, 2} px at 32 px (scaled with the
+   image) and scaled by the least-squares amplitude; sizes 0.9x, 1x and 1.1x are tried too. The shape with the smallest
    relative squared residual wins. Because blur is part of the model, a blurred square is still a
    square; because every pixel contributes, iid noise averages out. A best residual above 0.15 (a
    ring scores ~0.14, correct shapes under sigma=30 noise plus blur <= 0.09)
