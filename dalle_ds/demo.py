@@ -107,9 +107,9 @@ def dvae_ceiling(dvae, cfg: ExperimentConfig, n: int = 256, split: str = "val") 
     from dalle_ds.eval.composition import composition_accuracy  # noqa: PLC0415
 
     if split == "heldout":
-        data = ShapesDataset(split="heldout", size=n, image_size=cfg.data.image_size, seed=cfg.data.seed, noise=0)
+        data = ShapesDataset(split="heldout", size=n, image_size=cfg.data.image_size, seed=cfg.data.seed)
     else:
-        data = image_dataset(cfg.data, split, "prior")  # the images the prior's tokens come from
+        data = image_dataset(cfg.data, split)
     items = [data[i] for i in range(min(n, len(data)))]
     with torch.no_grad():
         x = torch.stack([it["image"] for it in items]).float() / 255          # (N, 3, H, W)

@@ -51,7 +51,7 @@ def encode_split(dvae: torch.nn.Module, dataset, *, batch: int = 256) -> dict:
 def _items(cfg: ExperimentConfig, split: str, rank: int, world: int, start: int, report: PassReport):
     """(position, item) over this rank's records of `split`, from `start` on."""
     if cfg.data.dataset == "shapes":
-        ds = image_dataset(cfg.data, split, "prior")
+        ds = image_dataset(cfg.data, split)
         mine = range(rank, len(ds), world)
         for pos in range(start, len(mine)):
             yield pos + 1, ds[mine[pos]]

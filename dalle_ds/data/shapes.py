@@ -283,9 +283,7 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     `noise` adds uniform integer noise in [-noise, noise] to every subpixel (fixed per item). A perfectly
     constant background makes the dVAE's logit-Laplace likelihood unbounded (the decoder drives b -> 0
-    there and learns nothing else); photographs never have that, and 10 levels of noise restore it. The
-    noise is the dVAE's dequantisation only: `image_dataset(..., purpose="prior")`, which the encoder
-    for the prior reads, renders clean, so the prior's tokens do not spend entropy on noise.
+    there and learns nothing else); photographs never have that, and 10 levels of noise restore it.
     """
 
     def __init__(self, *, split: str, size: int, image_size: int, seed: int = 0,

@@ -121,19 +121,14 @@ def stream_items(cfg: DataConfig, split: str, purpose: str = "prior", *, rank: i
         yield pos, {"key": rec["key"], "image": PREPROCESS[purpose](pixels, cfg.image_size, rng), "caption": caption}
 
 
-SHAPES_NOISE = 10  # levels of uniform pixel noise on the dVAE's shapes images
-
-
 def image_dataset(cfg: DataConfig, split: str, purpose: str = "dvae") -> Dataset:
     """A dataset of {"image": uint8 (3, H, W), "caption": str} for `split` in train | val."""
     if cfg.dataset == "shapes":
         from dalle_ds.data.shapes import ShapesDataset  # noqa: PLC0415
 
         size = {"train": cfg.num_train, "val": cfg.num_val}[split]
-        # pixel noise is the dVAE's dequantisation (see ShapesDataset); the prior's tokens come from the
-        # clean renders, so they say nothing about noise
         return ShapesDataset(split=split, size=size, image_size=cfg.image_size, seed=cfg.seed,
-                             two_shape_prob=cfg.two_shape_prob, noise=SHAPES_NOISE if purpose == "dvae" else 0)
+                             two_shape_prob=cfg.two_shape_prob)
     if cfg.streaming:
         raise ConfigError("data.streaming: this entry point reads a map-style dataset; train_dvae and "
                           "`dalle-ds encode` stream (data/stream.py), or set data.streaming=false")

@@ -54,7 +54,7 @@ def test_encode_then_train_prior_from_tokens(tmp_path):
     dvae = DVAE(cfg.dvae).eval()
     encode_to_disk(dvae, cfg, tmp_path / "tok", chunk=10)
     caps, toks = load_encoded(tmp_path / "tok", "train")
-    ref = encode_split(dvae, image_dataset(cfg.data, "train", "prior"))
+    ref = encode_split(dvae, image_dataset(cfg.data, "train"))
     assert caps == ref["caption"] and np.array_equal(toks.numpy(), ref["tokens"].astype(np.int64))
     s = train_prior(cfg, ds_config=write_ds_config(tmp_path / "ds.json", micro=4, stage=0),
                     data_dir=tmp_path / "tok", out_dir=tmp_path / "prior", progress=False)
