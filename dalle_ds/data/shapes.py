@@ -228,11 +228,7 @@ def _shifted(scene: list[ShapeSpec], rng: np.random.Generator) -> list[ShapeSpec
 
 
 def _sample_training_scene(rng: np.random.Generator, two_shape_prob: float) -> list[ShapeSpec]:
-    """Training/validation scene: only `TRAIN_PAIRS`, uniform over pairs, sizes and positions, shifted."""
-    return _shifted(_sample_unshifted_scene(rng, two_shape_prob), rng)
-
-
-def _sample_unshifted_scene(rng: np.random.Generator, two_shape_prob: float) -> list[ShapeSpec]:
+    """Training/validation scene before its shift: only `TRAIN_PAIRS`, uniform over pairs, sizes and positions."""
     if rng.random() < two_shape_prob:
         positions = list(FAR_POSITION_PAIRS[rng.integers(len(FAR_POSITION_PAIRS))])
         if rng.random() < 0.5:
@@ -312,8 +308,10 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {i} out of range for a dataset of {self.size} items")
         rng = np.random.default_rng([self.seed, SPLITS[self.split], i])
         if self._orders is not None:
-            return _shifted(_heldout_scene(i, self._orders), rng)
-        return _sample_training_scene(rng, self.two_shape_prob)
+            scene = _heldout_scene(i, self._orders)
+        else:
+            scene = _sample_training_scene(rng, self.two_shape_prob)
+        return _shifted(scene, rng)
 
     def caption(self, i: int) -> str:
         """The caption of item i without rendering it (e.g. to train the tokenizer)."""

@@ -167,8 +167,7 @@ def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     if shape == "diamond":
         return np.abs(u - 0.5) + np.abs(v - 0.5) <= 0.5
     if shape == "cross":  # arms a third of the box wide
-        in_box = (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
-        return in_box & ((np.abs(u - 0.5) <= 1 / 6) | (np.abs(v - 0.5) <= 1 / 6))
+        return _inside("square", u, v) & ((np.abs(u - 0.5) <= 1 / 6) | (np.abs(v - 0.5) <= 1 / 6))
     if shape == "bar":  # full width, middle half of the height
         return (u >= 0) & (u <= 1) & (np.abs(v - 0.5) <= 0.25)
     raise ValueError(f"unknown shape {shape!r}")
