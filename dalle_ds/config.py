@@ -329,7 +329,8 @@ def preset_shapes() -> ExperimentConfig:
     colours within the demo's budget. Schedules are the paper's shapes compressed to a few thousand steps:
     the KL weight rises from 0 over the first quarter (with it on from step 0 the encoder's posterior
     went flat for whole primary colours: every blue shape, or every red and green one, decoded to black;
-    with the warm-up four runs kept every colour and reached 27-29 dB instead of 21), the temperature
+    with the warm-up seeds 0 and 1 kept every colour at 27-29 dB, but seed 2 still lost blue and seed 3
+    collapsed to 13 dB: neither recipe is reliable across seeds yet), the temperature
     anneals over most of the run, and ln b is capped (`dvae.max_log_b`) so the decoder cannot shrug off
     colour errors as noise. With six shapes the codebook needs 256 codes (at 128 the checker read 55 %
     of reconstructions right, at 256 69 %; with the warm-up and whole-pixel scene shifts 81 %).
