@@ -47,6 +47,18 @@ def test_deterministic_any_order_and_instance():
     assert [longer.caption(i) for i in range(40)] == [a.caption(i) for i in range(40)]
 
 
+def test_render_cache_returns_what_rendering_gives_and_cannot_be_mutated(monkeypatch):
+    cached = ShapesDataset(split="train", size=30, image_size=16, seed=5)
+    monkeypatch.setattr(ShapesDataset, "CACHE_BYTES", 0)  # too small for any split: renders every time
+    fresh = ShapesDataset(split="train", size=30, image_size=16, seed=5)
+    assert cached._cache is not None and fresh._cache is None
+    for i in (3, 17, 3, 29, 17):
+        a, b = cached[i], fresh[i]
+        assert a["caption"] == b["caption"] and torch.equal(a["image"], b["image"])
+        a["image"].zero_()  # the caller owns what it got; the cache keeps its copy
+    assert torch.equal(cached[3]["image"], fresh[3]["image"]) and len(cached._cache) == 3
+
+
 def test_item_format_and_sizes():
     for size in (16, 32, 64):
         ds = ShapesDataset(split="train", size=4, image_size=size, noise=0)
