@@ -188,6 +188,7 @@ class ClipConfig:
     weight_decay: float = 1e-2
     log_every: int = 100
     seed: int = 0
+    hard_negatives: float = 0.0      # fraction of a batch in pairs of one-word caption neighbours (train_clip)
 
 
 @dataclass(kw_only=True)
@@ -349,6 +350,9 @@ def preset_shapes() -> ExperimentConfig:
         prior_train=PriorTrainConfig(steps=1500, lr=1e-3, warmup_steps=100, weight_decay=1e-2,
                                      log_every=50, save_every=500, eval_every=500),
         sample=SampleConfig(temperature=1.0, top_k=0, top_p=0.9, batch_size=64),
+        # the reranker: a bag of words (text_layers=0) scores word by word, so unseen pairs of seen words
+        # still score; one-word-neighbour pairs in each batch teach it what tells candidates apart
+        clip=ClipConfig(embed_dim=128, width=32, text_layers=0, steps=1000, hard_negatives=0.5),
     )
 
 

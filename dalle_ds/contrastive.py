@@ -41,14 +41,20 @@ class TextTower(nn.Module):
         self.pos = nn.Parameter(torch.randn(text_len, cfg.width) * 0.02)
         layer = nn.TransformerEncoderLayer(cfg.width, cfg.heads, 4 * cfg.width, dropout=0.0, batch_first=True,
                                            norm_first=True, activation="gelu")
-        self.enc = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
+        # text_layers=0: a bag of (token + slot) embeddings, whose score adds up word by word
+        self.enc = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False) if cfg.text_layers else None
         self.ln = nn.LayerNorm(cfg.width)
         self.proj = nn.Linear(cfg.width, cfg.embed_dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) long, pad 0 -> (B, E)
+        # trailing columns that are padding in every row change nothing (keys masked, queries not pooled)
+        used = (ids != 0).any(0).nonzero()  # (k, 1) columns holding a token in some row
+        ids = ids[:, : int(used.max()) + 1 if len(used) else 1]
         pad = ids == 0
         pad[:, 0] = False  # an empty caption still attends to its first slot
-        h = self.enc(self.tok(ids) + self.pos[: ids.shape[1]], src_key_padding_mask=pad)
+        h = self.tok(ids) + self.pos[: ids.shape[1]]  # (B, T, W)
+        if self.enc is not None:
+            h = self.enc(h, src_key_padding_mask=pad)
         keep = (~pad).unsqueeze(-1).float()
         return self.proj(self.ln((h * keep).sum(1) / keep.sum(1)))
 

@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import time
+from collections import defaultdict
 
 import numpy as np
 import torch
@@ -34,6 +35,46 @@ from dalle_ds.tokenizer import CaptionTokenizer
 def _batch(ds, idx) -> tuple[torch.Tensor, list[str]]:
     items = [ds[int(i)] for i in idx]
     return torch.stack([it["image"] for it in items]).float().div_(255.0), [it["caption"] for it in items]
+
+
+def neighbour_index(captions: list[str]) -> dict[str, list[int]]:
+    """Items whose captions differ in exactly one word share a key: the caption with that word as "*"."""
+    index: dict[str, list[int]] = defaultdict(list)
+    for i, cap in enumerate(captions):
+        words = cap.split()
+        for k in range(len(words)):
+            index[" ".join(words[:k] + ["*"] + words[k + 1:])].append(i)
+    return index
+
+
+def neighbour(i: int, captions: list[str], index: dict[str, list[int]], rng: np.random.Generator) -> int | None:
+    """An item whose caption differs from item i's in one word (a random word that has such items), or None."""
+    words = captions[i].split()
+    for k in rng.permutation(len(words)):
+        others = [j for j in index[" ".join(words[:k] + ["*"] + words[k + 1:])] if captions[j] != captions[i]]
+        if others:
+            return others[rng.integers(len(others))]
+    return None
+
+
+def draw_batch(n_items: int, bs: int, rng: np.random.Generator, captions: list[str] | None,
+               index: dict[str, list[int]] | None, hard_negatives: float) -> np.ndarray:
+    """bs item indices. With hard negatives, the first pairs (a fraction `hard_negatives` of the batch) are
+    an item and a one-word neighbour of it (same colour and place, another shape, ...): in-batch negatives
+    of random captions rarely differ in one attribute only, which is all that tells a reranker's candidates
+    apart."""
+    idx = rng.choice(n_items, size=bs, replace=False)
+    if index is None:
+        return idx
+    for p in range(0, 2 * int(bs * hard_negatives / 2), 2):
+        j = neighbour(int(idx[p]), captions, index, rng)
+        at = np.flatnonzero(idx == j)
+        if j is None or (len(at) and at[0] <= p):  # none, or part of a pair already
+            continue
+        if len(at):  # later in the batch: move it next to its anchor
+            idx[at[0]] = idx[p + 1]
+        idx[p + 1] = j
+    return idx
 
 
 @torch.no_grad()
@@ -72,13 +113,24 @@ def train_clip(cfg: ExperimentConfig, out_dir: str | Path, *, dvae_path: str | P
         opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / c.steps))))
     history, t0 = [], time.perf_counter()
     bs = min(c.batch_size, len(train_set))
+    recons: dict[int, torch.Tensor] = {}  # encode -> decode is deterministic: each item's once
+    captions = index = None
+    if c.hard_negatives > 0:
+        captions = (train_set.captions() if hasattr(train_set, "captions")
+                    else [train_set[i]["caption"] for i in range(len(train_set))])
+        index = neighbour_index(captions)
     for step in range(c.steps):
         model.train()
-        x, caps = _batch(train_set, rng.choice(len(train_set), size=bs, replace=False))
+        idx = draw_batch(len(train_set), bs, rng, captions, index, c.hard_negatives)
+        x, caps = _batch(train_set, idx)
         if dvae is not None:
-            with torch.no_grad():
-                half = bs // 2
-                x[:half] = dvae.decode(dvae.encode(x[:half])).clamp(0, 1)
+            half = bs // 2
+            todo = [k for k in range(half) if int(idx[k]) not in recons]
+            if todo:
+                with torch.no_grad():
+                    fresh = dvae.decode(dvae.encode(x[todo])).clamp(0, 1)
+                recons.update(zip((int(idx[k]) for k in todo), fresh))
+            x[:half] = torch.stack([recons[int(i)] for i in idx[:half]])
         loss, stats = model(x, tok.encode_batch(caps, train=False))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -101,6 +101,53 @@ def test_own_contrastive_reranker_scores_and_trains(tiny_models):
     assert r.score(big, ["a red square"] * 5).shape == (5,)
 
 
+@pytest.mark.parametrize("text_layers", [0, 2])
+def test_text_tower_ignores_trailing_padding(text_layers):
+    """A caption's embedding is the same alone and in a batch padded to a longer caption (the tower trims
+    columns that are padding in every row)."""
+    from dalle_ds.config import ClipConfig
+    from dalle_ds.contrastive import TextTower
+
+    torch.manual_seed(0)
+    tower = TextTower(ClipConfig(width=16, heads=2, text_layers=text_layers), vocab_size=40, text_len=11).eval()
+    lengths = [3, 11, 1, 6, 7]
+    ids = torch.zeros(len(lengths), 11, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        ids[r, :n] = torch.randint(1, 40, (n,))
+    batch = tower(ids)
+    alone = torch.cat([tower(ids[r:r + 1]) for r in range(len(lengths))])
+    assert torch.allclose(batch, alone, atol=1e-5)
+    assert tower(ids[:, :7]).shape == (5, 128) and torch.isfinite(tower(torch.zeros(2, 11, dtype=torch.long))).all()
+
+
+def test_hard_negative_batches_pair_one_word_neighbours():
+    from dalle_ds.train_clip import draw_batch, neighbour, neighbour_index
+
+    caps = ["a red square at the top", "a blue square at the top", "a red circle at the top",
+            "a red square at the left", "a big green bar", "a red square at the top"]
+    index = neighbour_index(caps)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        j = neighbour(0, caps, index, rng)
+        assert j in (1, 2, 3)  # never item 5 (the same caption) nor item 4 (three words differ)
+    assert neighbour(4, caps, index, rng) is None
+    grid = [f"a {c} {s} at the {p}" for c in ("red", "blue", "green", "cyan", "pink", "grey")
+            for s in ("square", "bar", "disc", "ring", "star") for p in ("top", "left", "centre")]
+    gindex = neighbour_index(grid)
+
+    def one_word_pairs(hard: float) -> float:
+        hits = 0
+        for seed in range(50):
+            idx = draw_batch(len(grid), 8, np.random.default_rng(seed), grid, gindex, hard)
+            assert len(set(idx.tolist())) == 8
+            hits += sum(sum(x != y for x, y in zip(grid[a].split(), grid[b].split())) == 1
+                        for a, b in idx.reshape(4, 2))
+        return hits / 200
+
+    # a neighbour drawn that is already half of an earlier pair stays there: a rare miss
+    assert one_word_pairs(1.0) > 0.95 and one_word_pairs(0.0) < 0.3  # 11 of 89 others are neighbours
+
+
 def test_sample_cli_open_clip_reranker(tiny_models, tmp_path, capsys):
     """`dalle-ds sample --open-clip CONFIG:CHECKPOINT` with the tiny open_clip fixture (tests/data/open_clip;
     its equality with open_clip itself is tests/sampling/test_open_clip.py): kept scores are the best per caption."""
