@@ -352,7 +352,7 @@ def preset_shapes() -> ExperimentConfig:
         sample=SampleConfig(temperature=1.0, top_k=0, top_p=0.9, batch_size=64),
         # the reranker: a bag of words (text_layers=0) scores word by word, so unseen pairs of seen words
         # still score; one-word-neighbour pairs in each batch teach it what tells candidates apart
-        clip=ClipConfig(embed_dim=128, width=32, text_layers=0, steps=1000, hard_negatives=0.5),
+        clip=ClipConfig(embed_dim=128, width=32, text_layers=0, steps=600, hard_negatives=0.5),
     )
 
 

@@ -10,16 +10,18 @@ def test_tiny_demo_writes_samples_and_metrics(tmp_path):
     cfg = load_config("tiny", overrides=["dvae_train.steps=4", "prior_train.steps=4", "data.num_train=64",
                                          "data.num_val=16"])
     ds = write_ds_config(tmp_path / "ds.json", micro=8, stage=0)
-    metrics = run_demo(cfg, tmp_path / "out", num_captions=4, per_caption=2, dvae_ds=ds, prior_ds=ds,
-                       progress=False)
+    metrics = run_demo(cfg, tmp_path / "out", num_captions=4, per_caption=2, candidates=3, dvae_ds=ds,
+                       prior_ds=ds, progress=False)
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
     for key in ("heldout_composition_accuracy", "seen_composition_accuracy", "dvae_recon_psnr",
                 "dvae_recon_composition_accuracy", "dvae_recon_heldout_composition_accuracy",
-                "prior_val_loss_text", "prior_val_loss_image"):
+                "prior_val_loss_text", "prior_val_loss_image", "heldout_composition_accuracy_all_candidates",
+                "seen_composition_accuracy_all_candidates", "clip_val_retrieval_top1"):
         assert key in saved and 0 <= saved[key] < 100, key
-    assert saved["heldout_samples"] == 8
-    assert {"dvae_train_s", "encode_s", "prior_train_s", "sample_s", "total_s"} <= set(saved["wall_seconds"])
+    assert saved["heldout_samples"] == 8 and saved["candidates_per_caption"] == 3  # 2 kept of 3, 4 captions
+    assert {"dvae_train_s", "encode_s", "prior_train_s", "clip_train_s", "sample_s",
+            "total_s"} <= set(saved["wall_seconds"])
     assert (tmp_path / "out" / "samples.png").stat().st_size > 0
 
 
