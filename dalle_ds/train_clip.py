@@ -5,6 +5,9 @@
 Reads the same data as the dVAE (any source, filters and counts included) with the prior's preprocessing
 (no flip: captions say "left" and "right"). With --dvae, half of each batch is replaced by its dVAE
 reconstruction (encode -> argmax -> decode), so the reranker has seen images that look like samples.
+With clip.hard_negatives > 0, that fraction of each batch comes in pairs of items whose captions differ
+in one word ("a small red square at the top" / "a small red circle at the top"): a reranker compares
+candidates for one caption, and random in-batch negatives rarely teach such fine differences.
 Writes out/clip.pt (config + weights + tokenizer) and out/clip_metrics.json. One process, plain PyTorch:
 the model is small.
 """
