@@ -35,6 +35,9 @@ from dalle_ds.data.sources import image_dataset
 from dalle_ds.tokenizer import CaptionTokenizer
 
 
+RECON_CACHE_BYTES = 1 << 30
+
+
 def _batch(ds, idx) -> tuple[torch.Tensor, list[str]]:
     items = [ds[int(i)] for i in idx]
     return torch.stack([it["image"] for it in items]).float().div_(255.0), [it["caption"] for it in items]
@@ -71,8 +74,10 @@ def draw_batch(n_items: int, bs: int, rng: np.random.Generator, captions: list[s
         return idx
     for p in range(0, 2 * int(bs * hard_negatives / 2), 2):
         j = neighbour(int(idx[p]), captions, index, rng)
+        if j is None:
+            continue
         at = np.flatnonzero(idx == j)
-        if j is None or (len(at) and at[0] <= p):  # none, or part of a pair already
+        if len(at) and at[0] <= p:  # part of a pair already
             continue
         if len(at):  # later in the batch: move it next to its anchor
             idx[at[0]] = idx[p + 1]
@@ -116,7 +121,9 @@ def train_clip(cfg: ExperimentConfig, out_dir: str | Path, *, dvae_path: str | P
         opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / c.steps))))
     history, t0 = [], time.perf_counter()
     bs = min(c.batch_size, len(train_set))
-    recons: dict[int, torch.Tensor] = {}  # encode -> decode is deterministic: each item's once
+    # encode -> decode is deterministic: each item's once, when every item's fits in RECON_CACHE_BYTES
+    recons: dict[int, torch.Tensor] = {}
+    keep_recons = len(train_set) * 4 * 3 * cfg.data.image_size ** 2 <= RECON_CACHE_BYTES
     captions = index = None
     if c.hard_negatives > 0:
         captions = (train_set.captions() if hasattr(train_set, "captions")
@@ -128,6 +135,8 @@ def train_clip(cfg: ExperimentConfig, out_dir: str | Path, *, dvae_path: str | P
         x, caps = _batch(train_set, idx)
         if dvae is not None:
             half = bs // 2
+            if not keep_recons:
+                recons.clear()
             todo = [k for k in range(half) if int(idx[k]) not in recons]
             if todo:
                 with torch.no_grad():
