@@ -2,7 +2,10 @@
 samples (PAPER §6 uses a pretrained CLIP; none can be downloaded here).
 
 Image tower: 4 conv blocks (two of them stride 2), adaptive average pooling to a 4x4 map (so WHERE things
-are survives, which captions like "at the top left" need), flatten, linear to the joint space.
+are survives, which captions like "at the top left" need), flatten, linear to the joint space. With
+`shape_stream` a second such stack reads only the brightness (max over RGB): a conv stack over colour
+learns a shape's features per colour and fails on a colour-shape pair it never saw, while the brightness
+stack gives the same shape the same features in every colour.
 Text tower: BPE ids (the prior's tokenizer format, pad 0) -> token + position embeddings -> a small
 pre-LN transformer encoder -> mean over non-pad tokens -> linear. Both embeddings are L2-normalised; the
 score is their cosine similarity.
@@ -18,20 +21,30 @@ import torch.nn.functional as F
 from dalle_ds.config import ClipConfig
 
 
+def _conv_stack(cin: int, w: int) -> nn.Sequential:
+    """(B, cin, H, W) -> (B, 2w, 4, 4): 4 conv blocks (two of them stride 2), then average pooling to 4x4."""
+    def block(a, b, stride):
+        return nn.Sequential(nn.Conv2d(a, b, 3, stride, 1), nn.GroupNorm(1, b), nn.GELU())
+
+    return nn.Sequential(block(cin, w, 1), block(w, w, 2), block(w, 2 * w, 2), block(2 * w, 2 * w, 1),
+                         nn.AdaptiveAvgPool2d(4))
+
+
 class ImageTower(nn.Module):
     def __init__(self, cfg: ClipConfig):
         super().__init__()
         w = cfg.width
-
-        def block(cin, cout, stride):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(1, cout), nn.GELU())
-
-        self.net = nn.Sequential(block(3, w, 1), block(w, w, 2), block(w, 2 * w, 2), block(2 * w, 2 * w, 1),
-                                 nn.AdaptiveAvgPool2d(4))
-        self.proj = nn.Linear(2 * w * 16, cfg.embed_dim)
+        self.net = _conv_stack(3, w)
+        # shape_stream: a second stack over brightness (max over RGB) only; the features it gives a shape are
+        # the same in every colour, so a shape the model saw in other colours is still recognised
+        self.shape_net = _conv_stack(1, w) if cfg.shape_stream else None
+        self.proj = nn.Linear(2 * w * 16 * (2 if cfg.shape_stream else 1), cfg.embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) in [0, 1] -> (B, E)
-        return self.proj(self.net(x * 2 - 1).flatten(1))
+        h = self.net(x * 2 - 1).flatten(1)                                          # (B, 2w * 16)
+        if self.shape_net is not None:
+            h = torch.cat([h, self.shape_net(x.amax(1, keepdim=True) * 2 - 1).flatten(1)], 1)  # (B, 4w * 16)
+        return self.proj(h)
 
 
 class TextTower(nn.Module):

@@ -120,6 +120,31 @@ def test_text_tower_ignores_trailing_padding(text_layers):
     assert tower(ids[:, :7]).shape == (5, 128) and torch.isfinite(tower(torch.zeros(2, 11, dtype=torch.long))).all()
 
 
+def test_shape_stream_sees_a_shape_alike_in_every_colour():
+    """With shape_stream the image tower's second stack reads brightness alone: without the colour stack's
+    share of the projection, one shape in all six colours embeds identically and another shape differently.
+    Without shape_stream the tower keeps the keys of checkpoints written before the option existed."""
+    from dalle_ds.config import ClipConfig
+    from dalle_ds.contrastive import ImageTower
+    from dalle_ds.data.shapes import COLOURS, ShapeSpec, render_scene
+
+    def images(shape: str) -> torch.Tensor:  # (6, 3, 24, 24): the shape in every palette colour
+        scenes = [[ShapeSpec(colour=c, shape=shape, size="large", position="left")] for c in COLOURS]
+        return torch.stack([torch.from_numpy(render_scene(s, 24)) for s in scenes]).permute(0, 3, 1, 2) / 255
+
+    torch.manual_seed(0)
+    tower = ImageTower(ClipConfig(width=8, embed_dim=16, shape_stream=True)).eval()
+    with torch.no_grad():
+        full = tower(images("cross"))
+        tower.proj.weight[:, : tower.proj.in_features // 2] = 0  # the colour stack's columns come first
+        cross, bar = tower(images("cross")), tower(images("bar"))
+    assert not torch.allclose(full[0], full[1], atol=1e-3)            # the whole tower tells colours apart
+    assert torch.allclose(cross, cross[:1].expand_as(cross), atol=1e-5)  # the shape stack cannot
+    assert (cross - bar).abs().amax(1).min() > 1e-3                    # but tells shapes apart
+    plain = ImageTower(ClipConfig(width=8, embed_dim=16)).state_dict()
+    assert {k.split(".")[0] for k in plain} == {"net", "proj"} and "net.0.0.weight" in plain
+
+
 def test_hard_negative_batches_pair_one_word_neighbours():
     from dalle_ds.train_clip import draw_batch, neighbour, neighbour_index
 
