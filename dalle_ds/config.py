@@ -348,7 +348,9 @@ def preset_shapes() -> ExperimentConfig:
         prior=PriorConfig(text_len=32, text_vocab_size=256, image_grid=8, image_vocab_size=256,
                           d_model=128, n_layers=4, n_heads=4, conv_kernel=5,
                           attention_backend="dense"),  # the demo's timings were measured with dense
-        prior_train=PriorTrainConfig(steps=1500, lr=1e-3, warmup_steps=100, weight_decay=1e-2,
+        # lr 2e-3 against 1e-3 (same tokens, two runs): val image loss 1.52 against 1.64, and the held-out
+        # captions' samples right 0.36-0.40 of the time against 0.29
+        prior_train=PriorTrainConfig(steps=1500, lr=2e-3, warmup_steps=100, weight_decay=1e-2,
                                      log_every=50, save_every=500, eval_every=500),
         sample=SampleConfig(temperature=1.0, top_k=0, top_p=0.9, batch_size=64),
         # the reranker: a bag of words (text_layers=0) scores word by word, so unseen pairs of seen words
