@@ -105,14 +105,19 @@ def run_demo(cfg: ExperimentConfig, out_dir: str | Path, *, num_captions: int = 
         "heldout_samples": len(images),
         # the reranker's pick of `candidates` per caption (PAPER §6) above; every candidate here
         "heldout_composition_accuracy_all_candidates": acc_every["colour_and_shape"],
+        # which held-out pairs fail: the kept samples, and every candidate (no reranker can pick what is not there)
+        "heldout_accuracy_by_pair": acc["by_pair"],
+        "heldout_accuracy_by_pair_all_candidates": acc_every["by_pair"],
         "candidates_per_caption": candidates,
         "seen_composition_accuracy": seen_acc["colour_and_shape"],
         "seen_composition_accuracy_all_candidates": seen_every["colour_and_shape"],
         "dvae_recon_psnr": dvae_summary["recon_psnr"],
         # the checker on the dVAE's own reconstructions of validation images: the prior's ceiling
-        "dvae_recon_composition_accuracy": ceiling,
+        "dvae_recon_composition_accuracy": ceiling["colour_and_shape"],
+        "dvae_recon_accuracy_by_shape": ceiling["by_shape"],
         # ... and of held-out-pair images, which the dVAE never trained on: the ceiling for zero-shot
-        "dvae_recon_heldout_composition_accuracy": ceiling_heldout,
+        "dvae_recon_heldout_composition_accuracy": ceiling_heldout["colour_and_shape"],
+        "dvae_recon_heldout_accuracy_by_pair": ceiling_heldout["by_pair"],
         "prior_val_loss_text": prior_summary["val_loss_text"],
         "prior_val_loss_image": prior_summary["val_loss_image"],
         "dvae_steps": dvae_summary["step"],
@@ -124,10 +129,10 @@ def run_demo(cfg: ExperimentConfig, out_dir: str | Path, *, num_captions: int = 
     return metrics
 
 
-def dvae_ceiling(dvae, cfg: ExperimentConfig, n: int = 256, split: str = "val") -> float:
-    """Fraction of `split` images ("val": seen pairs; "heldout": held-out pairs, single shapes) whose
-    encode -> decode reconstruction the checker still reads right (colour and shape): no prior can draw
-    better than its dVAE renders."""
+def dvae_ceiling(dvae, cfg: ExperimentConfig, n: int = 256, split: str = "val") -> dict:
+    """The checker (`composition_accuracy`) on the encode -> decode reconstructions of `split` images
+    ("val": seen pairs; "heldout": held-out pairs, single shapes): no prior can draw better than its dVAE
+    renders."""
     import torch  # noqa: PLC0415
 
     from dalle_ds.data.shapes import ShapesDataset  # noqa: PLC0415
@@ -142,8 +147,7 @@ def dvae_ceiling(dvae, cfg: ExperimentConfig, n: int = 256, split: str = "val") 
     with torch.no_grad():
         x = torch.stack([it["image"] for it in items]).float() / 255          # (N, 3, H, W)
         recon = (dvae.decode(dvae.encode(x)) * 255).round().to(torch.uint8)   # (N, 3, H, W)
-    return composition_accuracy(list(recon.permute(0, 2, 3, 1).numpy()), [it["caption"] for it in items])[
-        "colour_and_shape"]
+    return composition_accuracy(list(recon.permute(0, 2, 3, 1).numpy()), [it["caption"] for it in items])
 
 
 def main(argv: list[str] | None = None) -> None:

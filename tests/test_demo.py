@@ -3,6 +3,7 @@ import json
 
 from helpers import write_ds_config
 from dalle_ds.config import load_config
+from dalle_ds.data.shapes import HELDOUT_PAIRS, SHAPES
 from dalle_ds.demo import run_demo
 
 
@@ -20,6 +21,11 @@ def test_tiny_demo_writes_samples_and_metrics(tmp_path):
                 "seen_composition_accuracy_all_candidates", "clip_val_retrieval_top1"):
         assert key in saved and 0 <= saved[key] < 100, key
     assert saved["heldout_samples"] == 8 and saved["candidates_per_caption"] == 3  # 2 kept of 3, 4 captions
+    first_pairs = {f"{c} {s}" for c, s in HELDOUT_PAIRS[:4]}  # caption i names held-out pair i mod 6
+    for key in ("heldout_accuracy_by_pair", "heldout_accuracy_by_pair_all_candidates", "dvae_recon_heldout_accuracy_by_pair"):
+        pairs = first_pairs if key.startswith("heldout") else {f"{c} {s}" for c, s in HELDOUT_PAIRS}
+        assert set(saved[key]) == pairs and all(0 <= v <= 1 for v in saved[key].values()), key
+    assert set(saved["dvae_recon_accuracy_by_shape"]) <= set(SHAPES)
     assert {"dvae_train_s", "encode_s", "prior_train_s", "clip_train_s", "sample_s",
             "total_s"} <= set(saved["wall_seconds"])
     assert (tmp_path / "out" / "samples.png").stat().st_size > 0

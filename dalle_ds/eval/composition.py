@@ -290,6 +290,8 @@ def composition_accuracy(images: Iterable[np.ndarray] | np.ndarray | torch.Tenso
                          captions: Sequence[str]) -> dict:
     """Fractions of images whose first named shape has the right colour, shape, position, size and
     colour-and-shape, plus `all_colour_and_shape` / `all_correct` over every named shape, and `n`.
+    `by_pair` ({"magenta cross": ...}) and `by_shape` ({"cross": ...}) give colour-and-shape per group of
+    the first named shape: which pairs or shapes fail.
 
     `images`: uint8 (N, H, W, 3) numpy or a sequence of (H, W, 3) arrays; (N, 3, H, W) tensors (uint8
     or float in [0, 1]) are accepted too.
@@ -299,12 +301,20 @@ def composition_accuracy(images: Iterable[np.ndarray] | np.ndarray | torch.Tenso
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     keys = ("colour", "shape", "position", "size", "colour_and_shape", "all_colour_and_shape", "all_correct")
     totals = dict.fromkeys(keys, 0)
+    groups: dict[str, dict[str, list[int]]] = {"by_pair": {}, "by_shape": {}}  # group -> [right, seen]
     for image, caption in zip(images, captions):
         r = check_image(image, caption)
         r["colour_and_shape"] = r["colour"] and r["shape"]
         for k in keys:
             totals[k] += int(bool(r[k]))
+        first = parse_caption(caption)[0]
+        for by, name in (("by_pair", f"{first.colour} {first.shape}"), ("by_shape", first.shape)):
+            tally = groups[by].setdefault(name, [0, 0])
+            tally[0] += int(bool(r["colour_and_shape"]))
+            tally[1] += 1
     n = len(images)
     out: dict = {k: (v / n if n else 0.0) for k, v in totals.items()}
     out["n"] = n
+    for by, tallies in groups.items():
+        out[by] = {name: right / seen for name, (right, seen) in sorted(tallies.items())}
     return out

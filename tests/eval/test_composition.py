@@ -96,6 +96,12 @@ def test_wrong_colour_shape_position_and_blank():
     acc = composition_accuracy([blank] * 3, ["a small red circle at the top"] * 3)
     assert acc["colour"] == acc["shape"] == acc["colour_and_shape"] == 0.0
 
+    # per group of the first named shape: a right red circle, a blank "red circle", two right blue bars
+    caps = ["a large red circle at the top left", "a small red circle at the top",
+            "a large blue bar at the centre", "a small blue bar at the left and a large red circle at the right"]
+    acc = composition_accuracy([render_caption(caps[0], 32), blank] + [render_caption(c, 32) for c in caps[2:]], caps)
+    assert acc["by_pair"] == {"blue bar": 1.0, "red circle": 0.5} and acc["by_shape"] == {"bar": 1.0, "circle": 0.5}
+
     # a few stray red pixels are not a red shape; a fully red image is not one either
     speck = blank.copy()
     speck[5, 5] = speck[20, 9] = speck[30, 30] = (255, 0, 0)
