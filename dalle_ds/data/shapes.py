@@ -31,10 +31,10 @@ every validation image right at both sizes):
   a continuous shift) keep the number of distinct renderings of a shape small, which a 2x2-patch dVAE
   reconstructs far more sharply. It is far from the checker's cell boundaries (1/8 away) and, shared by
   both shapes of a scene, never makes them overlap.
-* Sizes: "small" spans 12/32 of the side and "large" 16/32 (6 and 8 px at 16 px): large enough for
+* Sizes: "small" spans 10/32 of the side and "large" 14/32 (5 and 7 px at 16 px): large enough for
   the shapes to stay distinct after a lossy dVAE, and 2 px apart at 16 px.
 * Two shapes are placed two grid steps apart along at least one axis (e.g. "top left" with "right") and
-  always have different colours, so they never overlap (two large shapes in one row or column meet edge to edge) and the
+  always have different colours, so they never overlap (two large shapes keep a 2/32 gap) and the
   checker can segment each shape by its colour alone.
 * Rendering: PIL at 4x supersampling, downsampled with a box filter. Edges are anti-aliased (darker
   versions of the same hue) and interiors keep the exact palette colour.
@@ -67,10 +67,8 @@ COLOURS: tuple[str, ...] = tuple(PALETTE)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "bar")
 SIZES: tuple[str, ...] = ("small", "large")
 
-# Half the side of a shape's bounding box, as a fraction of the image side (12/32 and 16/32 in all). At 5 and
-# 7 px the demo's dVAE drew crosses and diamonds so alike that the checker read 0.27-0.52 of their
-# reconstructions right; at 6 and 8 px (with the thinner cross and the narrow diamond) 0.54-1.0.
-HALF_EXTENT: dict[str, float] = {"small": 6 / 32, "large": 8 / 32}
+# Half the side of a shape's bounding box, as a fraction of the image side (10/32 and 14/32 in all).
+HALF_EXTENT: dict[str, float] = {"small": 5 / 32, "large": 7 / 32}
 
 # Named positions on a 3x3 grid: (row, column), row 0 = top, column 0 = left.
 POSITIONS: tuple[str, ...] = (
@@ -192,12 +190,11 @@ def render_scene(scene: Iterable[ShapeSpec], image_size: int, *, supersample: in
             draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=fill)
         elif spec.shape == "triangle":  # isosceles, apex up, filling its bounding box
             draw.polygon([((x0 + x1 - 1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=fill)
-        elif spec.shape == "diamond":  # a playing-card diamond: full height, 0.6 of the width
+        elif spec.shape == "diamond":  # the box's edge midpoints joined
             cx, cy = (x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2
-            hw = (x1 - x0) * 0.3
-            draw.polygon([(cx, y0), (cx + hw - 0.5, cy), (cx, y1 - 1), (cx - hw + 0.5, cy)], fill=fill)
-        elif spec.shape == "cross":  # a plus sign with arms a quarter of the box wide (2 px at 8 px)
-            t = (x1 - x0) * 3 / 8
+            draw.polygon([(cx, y0), (x1 - 1, cy), (cx, y1 - 1), (x0, cy)], fill=fill)
+        elif spec.shape == "cross":  # a plus sign with arms a third of the box wide
+            t = (x1 - x0) / 3
             draw.rectangle([round(x0 + t), y0, round(x1 - t) - 1, y1 - 1], fill=fill)
             draw.rectangle([x0, round(y0 + t), x1 - 1, round(y1 - t) - 1], fill=fill)
         elif spec.shape == "bar":  # the box's full width, its middle half in height

@@ -20,7 +20,7 @@ How, and why it survives the blur, noise and colour drift of a small dVAE:
 2. Shape, by fitting a generative model rather than thresholding. Around the blob, the colour's
    strength map s = min(on channels) - max(off channels) is computed (1 inside a pure shape, 0 on
    black and on every other palette colour, proportional to coverage on anti-aliased edges). For each
-   candidate shape (square, disc, apex-up triangle, 3:5 diamond, cross, 2:1 bar) the size follows from the
+   candidate shape (square, disc, apex-up triangle, diamond, cross, 2:1 bar) the size follows from the
    blob's half-maximum area, the position from its strength-weighted centroid (a triangle's box centre
    lies a sixth of its height above its centroid), and the template is rendered with sub-pixel
    coverage, blurred with a Gaussian of sigma in {0, 0.5, 1, 1.5, 2} px at 32 px (scaled with the
@@ -36,7 +36,7 @@ How, and why it survives the blur, noise and colour drift of a small dVAE:
 Measured on every colour x shape x size x position at 32 px: all right on clean renders, under
 Gaussian noise sigma=20-30 (of 255) with a Gaussian blur of 0.7-1.2 px, and after a 2x box
 downsample + bilinear upsample with noise 20; at 64 px also under much heavier blur. At 16 px (the
-`tiny` preset) clean renders are all right but shapes are 6-8 px and noise breaks the shape call.
+`tiny` preset) clean renders are all right but shapes are 5-7 px and noise breaks the shape call.
 Everything is in fractions of the image side, so any image size works.
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ MAX_RESIDUAL = 0.15      # best relative template residual above which the blob 
 BLURS_AT_32 = (0.0, 0.5, 1.0, 1.5, 2.0)  # Gaussian sigmas tried, in pixels of a 32 px image
 SIZE_FACTORS = (0.9, 1.0, 1.1)
 # Fraction of its bounding box each shape covers (gives the box side from a blob's area).
-SHAPE_AREA = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5, "diamond": 0.3, "cross": 7 / 16, "bar": 0.5}
+SHAPE_AREA = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5, "diamond": 0.5, "cross": 5 / 9, "bar": 0.5}
 SUPERSAMPLE = 4          # sub-pixels per side when rendering templates
 # Cell boundaries half-way between the canonical centres; size boundary between the two box sides.
 GRID_SPLITS = ((GRID_CENTRES[0] + GRID_CENTRES[1]) / 2, (GRID_CENTRES[1] + GRID_CENTRES[2]) / 2)
@@ -164,10 +164,10 @@ def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
     if shape == "triangle":  # apex up
         return (v >= 0) & (v <= 1) & (np.abs(u - 0.5) <= v / 2)
-    if shape == "diamond":  # 0.6 of the box wide
-        return np.abs(u - 0.5) / 0.6 + np.abs(v - 0.5) <= 0.5
-    if shape == "cross":  # arms a quarter of the box wide
-        return _inside("square", u, v) & ((np.abs(u - 0.5) <= 1 / 8) | (np.abs(v - 0.5) <= 1 / 8))
+    if shape == "diamond":
+        return np.abs(u - 0.5) + np.abs(v - 0.5) <= 0.5
+    if shape == "cross":  # arms a third of the box wide
+        return _inside("square", u, v) & ((np.abs(u - 0.5) <= 1 / 6) | (np.abs(v - 0.5) <= 1 / 6))
     if shape == "bar":  # full width, middle half of the height
         return (u >= 0) & (u <= 1) & (np.abs(v - 0.5) <= 0.25)
     raise ValueError(f"unknown shape {shape!r}")
