@@ -45,6 +45,7 @@ class StreamOrder:
         self.report = PassReport()
         self._source = None  # iterator of (epoch, position, report dict, item), opened at the next read
         self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
 
     def state_dict(self) -> dict:
         return {"rank": self.rank, "world": self.world, "epoch": self.epoch, "position": self.position,
@@ -59,10 +60,17 @@ class StreamOrder:
         self.keys_digest, self.report = state["keys_digest"], PassReport.from_dict(state["report"])
 
     def close(self) -> None:
-        """Stop reading ahead (the next read reopens the stream at the current position)."""
+        """Stop reading ahead and wait for the reader (the next read reopens the stream at the current position).
+
+        The join matters at exit: a reader thread still decoding while the interpreter shuts down aborts the
+        process ("terminate called without an active exception")."""
         if self._stop is not None:
             self._stop.set()
-        self._source, self._stop = None, None
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+            if self._thread.is_alive():
+                log.warning("rank %d: the stream reader did not stop within 60 s", self.rank)
+        self._source, self._stop, self._thread = None, None, None
 
     def _entries(self, epoch: int, position: int, report: PassReport):
         """(epoch, position, report dict, item) from the given state on, over epochs without end."""
@@ -85,21 +93,28 @@ class StreamOrder:
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = self._stop = threading.Event()
 
+        def put(entry) -> bool:
+            """Queue `entry` unless asked to stop first (never blocks past a stop)."""
+            while not stop.is_set():
+                try:
+                    q.put(entry, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def fill():
             try:
                 for entry in entries:
-                    while not stop.is_set():
-                        try:
-                            q.put(entry, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    if not put(entry):
                         return
             except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
-                q.put(e)
+                put(e)
+            finally:
+                entries.close()  # release the source here, not in the interpreter's shutdown
 
-        threading.Thread(target=fill, name=f"stream-rank{self.rank}", daemon=True).start()
+        self._thread = threading.Thread(target=fill, name=f"stream-rank{self.rank}", daemon=True)
+        self._thread.start()
 
         def drain():
             while True:
