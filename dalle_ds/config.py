@@ -90,6 +90,12 @@ class DVAETrainConfig:
     weight_decay: float = 1e-4
     kl_weight: float = 6.6           # cosine 0 -> 6.6 over kl_warmup_steps
     kl_warmup_steps: int = 5000
+    # Not in the paper (0 = off): an extra squared error of the mapped pixels, weight cosine mse_warmup -> 0
+    # over mse_warmup_steps. The logit-Laplace loss is an L1 loss, whose best output for a code is the median
+    # of the pixels the code is drawn for: while codes still say little, every code decodes to the black
+    # background and a colour can stay lost. A squared error pulls each code towards the mean instead.
+    mse_warmup: float = 0.0
+    mse_warmup_steps: int = 0
     temp_start: float = 1.0          # gumbel-softmax temperature, cosine 1 -> 1/16
     temp_end: float = 1.0 / 16
     temp_anneal_steps: int = 150_000
@@ -226,6 +232,10 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(d.image_size % d.downsample == 0, "dvae.image_size",
              f"{d.image_size} is not divisible by the dVAE's downsampling factor {d.downsample} "
              f"(2 ** (dvae.n_groups - 1)); pick an image size that is a multiple of {d.downsample}")
+    dt = cfg.dvae_train
+    _require(dt.mse_warmup >= 0, "dvae_train.mse_warmup", f"must be >= 0 (0 = off), got {dt.mse_warmup}")
+    _require(dt.mse_warmup == 0 or dt.mse_warmup_steps > 0, "dvae_train.mse_warmup_steps",
+             f"dvae_train.mse_warmup={dt.mse_warmup} needs mse_warmup_steps > 0 (the steps it fades over)")
     _require(d.n_hid % 4 == 0, "dvae.n_hid", f"must be a multiple of 4 (bottleneck width n/4), got {d.n_hid}")
     dc = cfg.data
     _require(dc.dataset in DATASETS, "data.dataset",

@@ -89,7 +89,7 @@ def train_dvae(cfg: ExperimentConfig, *, ds_config, out_dir: str | Path, resume:
     def loss_fn(eng, idx, step):
         x = (stack_images(idx) if stream is not None else load_images(train_set, idx)).to(device(), dtype)
         s = dvae_schedules(step, tcfg)
-        loss, stats = eng(x, temperature=s["temperature"], kl_weight=s["kl_weight"])
+        loss, stats = eng(x, temperature=s["temperature"], kl_weight=s["kl_weight"], mse_weight=s["mse_weight"])
         return loss, {k: stats[k] for k in ("nll", "kl", "recon_mse", "codebook_usage")}, x.numel()
 
     def eval_fn(module):

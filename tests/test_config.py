@@ -62,6 +62,8 @@ def test_bad_override_names_the_field(override, pattern):
     (["prior.attention_backend=flash"], "prior.attention_backend"),
     (["data.image_size=32"], "data.image_size"),
     (["sample.top_p=0"], "sample.top_p"),
+    (["dvae_train.mse_warmup=-1"], "dvae_train.mse_warmup"),
+    (["dvae_train.mse_warmup=5"], "dvae_train.mse_warmup_steps"),            # fades over 0 steps
 ])
 def test_inconsistent_combinations_are_refused(overrides, field):
     with pytest.raises(ConfigError) as e:

@@ -177,13 +177,14 @@ class DVAE(nn.Module):
             raise ValueError(f"DVAE: image sides {tuple(pixels.shape[2:])} must be multiples of the "
                              f"downsampling factor {d} (2 ** (n_groups - 1))")
 
-    def forward(self, pixels: Tensor, *, temperature: float, kl_weight: float,
+    def forward(self, pixels: Tensor, *, temperature: float, kl_weight: float, mse_weight: float = 0.0,
                 generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict]:
         """Relaxed loss for pixels (B, C, H, W) in [0, 1].
 
         loss = mean_b (nll_sum + kl_weight * kl_sum) / (H W C): the logit-Laplace NLL summed over every
         subpixel and the analytic KL to the uniform prior summed over the G x G positions, both divided
-        by the number of subpixels (PAPER §1.2). Returns (loss, stats); stats are detached 0-dim tensors:
+        by the number of subpixels (PAPER §1.2); plus, when mse_weight > 0 (DVAETrainConfig.mse_warmup, not
+        in the paper), mse_weight * the mean squared error of sigmoid(mu) to the mapped pixels. Returns (loss, stats); stats are detached 0-dim tensors:
         nll (per subpixel), kl (nats per position), loss, recon_mse (of the [0, 1] reconstruction from
         the relaxed codes), codebook_usage (distinct argmax codes in the batch).
         """
@@ -200,6 +201,8 @@ class DVAE(nn.Module):
         kl_sum = kl_to_uniform(logits, dim=1).sum(dim=(1, 2))               # (B,)
         n_sub = h * w * c
         loss = ((nll_sum + kl_weight * kl_sum) / n_sub).mean()              # ()
+        if mse_weight > 0:
+            loss = loss + mse_weight * F.mse_loss(torch.sigmoid(mu), x)
 
         with torch.no_grad():
             recon = unmap_pixels(torch.sigmoid(mu))                         # (B, C, H, W) in [0, 1]

@@ -19,13 +19,15 @@ def cosine(step: int, start: float, end: float, steps: int) -> float:
 
 
 def dvae_schedules(step: int, train_cfg: DVAETrainConfig) -> dict:
-    """{'temperature', 'kl_weight', 'lr'} at `step`: tau temp_start -> temp_end over temp_anneal_steps,
-    KL weight 0 -> kl_weight over kl_warmup_steps, lr lr -> lr_end over lr_decay_steps."""
+    """{'temperature', 'kl_weight', 'lr', 'mse_weight'} at `step`: tau temp_start -> temp_end over
+    temp_anneal_steps, KL weight 0 -> kl_weight over kl_warmup_steps, lr lr -> lr_end over lr_decay_steps,
+    and the (non-paper) squared-error weight mse_warmup -> 0 over mse_warmup_steps."""
     c = train_cfg
     return {
         "temperature": cosine(step, c.temp_start, c.temp_end, c.temp_anneal_steps),
         "kl_weight": cosine(step, 0.0, c.kl_weight, c.kl_warmup_steps),
         "lr": cosine(step, c.lr, c.lr_end, c.lr_decay_steps),
+        "mse_weight": cosine(step, c.mse_warmup, 0.0, c.mse_warmup_steps),
     }
 
 

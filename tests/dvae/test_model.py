@@ -131,6 +131,22 @@ def test_loss_normalisation():
     assert 0 <= float(stats["recon_mse"]) <= 1
 
 
+def test_mse_weight_adds_the_squared_error_of_the_mapped_pixels():
+    """mse_weight > 0 adds mse_weight * mean (sigmoid(mu) - mapped x)^2 to the paper's loss (same noise), and
+    its gradient reaches the encoder and the decoder."""
+    model = _model()
+    x = _pixels(model.cfg, batch=3)
+    base, _ = model(x, temperature=0.5, kl_weight=2.5, generator=torch.Generator().manual_seed(9))
+    loss, _ = model(x, temperature=0.5, kl_weight=2.5, mse_weight=7.0, generator=torch.Generator().manual_seed(9))
+    xm = map_pixels(x)
+    z = gumbel_softmax(model.encoder(xm), 0.5, dim=1, generator=torch.Generator().manual_seed(9))
+    mse = ((torch.sigmoid(model.decoder(z)[:, :3]) - xm) ** 2).mean()
+    torch.testing.assert_close(loss, base + 7.0 * mse)
+    (loss - base).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in (model.encoder.blocks.input.w, model.decoder.blocks.output.conv.w))
+
+
 def test_max_log_b_caps_the_scale_in_the_loss_only():
     """With dvae.max_log_b the NLL uses min(ln b, cap) per subpixel (a direct recomputation), the cap
     binds where the decoder's ln b exceeds it, and encode/decode do not depend on it."""

@@ -24,12 +24,12 @@ def test_paper_schedules_endpoints():
     """Paper config: tau 1 -> 1/16, KL weight 0 -> 6.6, lr 1e-4 -> 1.25e-6 at their own step counts."""
     cfg = DVAETrainConfig()
     s0 = dvae_schedules(0, cfg)
-    assert s0 == pytest.approx({"temperature": 1.0, "kl_weight": 0.0, "lr": 1e-4})
+    assert s0 == pytest.approx({"temperature": 1.0, "kl_weight": 0.0, "lr": 1e-4, "mse_weight": 0.0})
     assert dvae_schedules(cfg.temp_anneal_steps, cfg)["temperature"] == pytest.approx(1 / 16)
     assert dvae_schedules(cfg.kl_warmup_steps, cfg)["kl_weight"] == pytest.approx(6.6)
     assert dvae_schedules(cfg.lr_decay_steps, cfg)["lr"] == pytest.approx(1.25e-6)
     assert dvae_schedules(cfg.steps, cfg) == pytest.approx({"temperature": 1 / 16, "kl_weight": 6.6,
-                                                            "lr": 1.25e-6})
+                                                            "lr": 1.25e-6, "mse_weight": 0.0})
 
 
 def test_paper_schedules_monotone():
@@ -41,6 +41,15 @@ def test_paper_schedules_monotone():
         assert b["temperature"] <= a["temperature"]
         assert b["lr"] <= a["lr"]
         assert b["kl_weight"] >= a["kl_weight"]
+
+
+def test_mse_warmup_fades_to_zero():
+    """The (non-paper) squared-error weight runs cosine from mse_warmup to 0 over mse_warmup_steps, then stays 0."""
+    cfg = DVAETrainConfig(mse_warmup=10.0, mse_warmup_steps=100)
+    weights = [dvae_schedules(t, cfg)["mse_weight"] for t in range(0, 201)]
+    assert weights[0] == pytest.approx(10.0) and weights[50] == pytest.approx(5.0)
+    assert weights[100] == 0.0 and all(w == 0.0 for w in weights[100:])
+    assert all(b <= a for a, b in zip(weights, weights[1:]))
 
 
 def test_lr_lambda_drives_lambdalr():
