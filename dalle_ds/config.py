@@ -339,7 +339,7 @@ def preset_shapes() -> ExperimentConfig:
     16 px keeps every scene exactly checkable (the checker reads all validation images right) while the
     dVAE's patches are 2x2 px, which it learns in about 2 minutes; at 32 px (4x4 patches) it often merged
     colours within the demo's budget. Schedules are the paper's shapes compressed to a few thousand steps,
-    with two changes that make stage 1 reliable across seeds (4000-step runs, one thread each):
+    with two changes that kept every colour on each seed tried (one-thread runs):
     * the KL term is on at full weight from step 0 (the paper warms it up from 0). Without it the first
       ~20 Adam steps make one code certain everywhere, which removes the Gumbel noise the decoder sees:
       the encoder's logits run away (seed 3: the top logit ~1000 above the mean), one code is used, no
