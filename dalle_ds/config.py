@@ -232,11 +232,11 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(d.image_size % d.downsample == 0, "dvae.image_size",
              f"{d.image_size} is not divisible by the dVAE's downsampling factor {d.downsample} "
              f"(2 ** (dvae.n_groups - 1)); pick an image size that is a multiple of {d.downsample}")
+    _require(d.n_hid % 4 == 0, "dvae.n_hid", f"must be a multiple of 4 (bottleneck width n/4), got {d.n_hid}")
     dt = cfg.dvae_train
     _require(dt.mse_warmup >= 0, "dvae_train.mse_warmup", f"must be >= 0 (0 = off), got {dt.mse_warmup}")
     _require(dt.mse_warmup == 0 or dt.mse_warmup_steps > 0, "dvae_train.mse_warmup_steps",
              f"dvae_train.mse_warmup={dt.mse_warmup} needs mse_warmup_steps > 0 (the steps it fades over)")
-    _require(d.n_hid % 4 == 0, "dvae.n_hid", f"must be a multiple of 4 (bottleneck width n/4), got {d.n_hid}")
     dc = cfg.data
     _require(dc.dataset in DATASETS, "data.dataset",
              f"unknown dataset {dc.dataset!r}; choose one of {', '.join(DATASETS)}")

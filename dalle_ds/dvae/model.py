@@ -184,9 +184,10 @@ class DVAE(nn.Module):
         loss = mean_b (nll_sum + kl_weight * kl_sum) / (H W C): the logit-Laplace NLL summed over every
         subpixel and the analytic KL to the uniform prior summed over the G x G positions, both divided
         by the number of subpixels (PAPER §1.2); plus, when mse_weight > 0 (DVAETrainConfig.mse_warmup, not
-        in the paper), mse_weight * the mean squared error of sigmoid(mu) to the mapped pixels. Returns (loss, stats); stats are detached 0-dim tensors:
-        nll (per subpixel), kl (nats per position), loss, recon_mse (of the [0, 1] reconstruction from
-        the relaxed codes), codebook_usage (distinct argmax codes in the batch).
+        in the paper), mse_weight * the mean squared error of sigmoid(mu) to the mapped pixels. Returns
+        (loss, stats); stats are detached 0-dim tensors: nll (per subpixel), kl (nats per position), loss,
+        recon_mse (of the [0, 1] reconstruction from the relaxed codes), codebook_usage (distinct argmax
+        codes in the batch).
         """
         self._check_pixels(pixels)
         b, c, h, w = pixels.shape
@@ -201,11 +202,12 @@ class DVAE(nn.Module):
         kl_sum = kl_to_uniform(logits, dim=1).sum(dim=(1, 2))               # (B,)
         n_sub = h * w * c
         loss = ((nll_sum + kl_weight * kl_sum) / n_sub).mean()              # ()
+        mean = torch.sigmoid(mu)                                            # (B, C, H, W) in (0, 1)
         if mse_weight > 0:
-            loss = loss + mse_weight * F.mse_loss(torch.sigmoid(mu), x)
+            loss = loss + mse_weight * F.mse_loss(mean, x)
 
         with torch.no_grad():
-            recon = unmap_pixels(torch.sigmoid(mu))                         # (B, C, H, W) in [0, 1]
+            recon = unmap_pixels(mean)                                      # (B, C, H, W) in [0, 1]
             codes = logits.argmax(dim=1)                                    # (B, G, G)
             used = torch.bincount(codes.flatten(), minlength=self.cfg.vocab_size).gt(0).sum()
             stats = {
