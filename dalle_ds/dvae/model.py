@@ -123,7 +123,8 @@ class Encoder(nn.Module):
         # x: (B, C, H, W) mapped pixels -> (B, K, G, G) fp32 logits
         if x.ndim != 4 or x.shape[1] != self.cfg.channels:
             raise ValueError(f"Encoder: expected (B, {self.cfg.channels}, H, W), got {tuple(x.shape)}")
-        return self.blocks(x)
+        # channels-last activations: oneDNN's convs ran a training step ~25 % faster on CPU (same values)
+        return self.blocks(x.contiguous(memory_format=torch.channels_last))
 
 
 class Decoder(nn.Module):
@@ -157,7 +158,7 @@ class Decoder(nn.Module):
         # z: (B, K, G, G) -> (B, 2C, H, W)
         if z.ndim != 4 or z.shape[1] != self.cfg.vocab_size:
             raise ValueError(f"Decoder: expected (B, {self.cfg.vocab_size}, G, G), got {tuple(z.shape)}")
-        return self.blocks(z)
+        return self.blocks(z.contiguous(memory_format=torch.channels_last))  # see Encoder.forward
 
 
 class DVAE(nn.Module):
