@@ -36,7 +36,7 @@ How, and why it survives the blur, noise and colour drift of a small dVAE:
 Measured on every colour x shape x size x position at 32 px: all right on clean renders, under
 Gaussian noise sigma=20-30 (of 255) with a Gaussian blur of 0.7-1.2 px, and after a 2x box
 downsample + bilinear upsample with noise 20; at 64 px also under much heavier blur. At 16 px (the
-`tiny` preset) clean renders are all right but shapes are 5-7 px and noise breaks the shape call.
+`tiny` and `shapes` presets) clean renders are all right but shapes are 6-8 px and noise breaks the shape call.
 Everything is in fractions of the image side, so any image size works.
 """
 from __future__ import annotations

@@ -131,15 +131,22 @@ def test_heldout_split_covers_every_heldout_pair():
 
 
 def test_two_shapes_never_overlap():
-    """Every allowed position pair, sizes and shapes: no shared pixel, and a gap of at least 1 px at 32 px
-    (two large shapes are 2/32 of the side apart; at 16 px their anti-aliased edges may touch)."""
+    """Every allowed position pair, sizes and shapes: no shared pixel; with a small shape a gap of at least
+    1 px at 32 px (two large shapes' boxes share an edge: 16/32 wide, centres 16/32 apart), and the checker
+    reads both shapes of a touching pair right."""
+    from dalle_ds.eval.composition import check_image
+
     for size in (16, 32):
         for (pa, pb), (sa, sb), (ha, hb) in itertools.product(FAR_POSITION_PAIRS, itertools.product(SIZES, SIZES),
                                                                [("square", "square"), ("circle", "triangle")]):
-            a = render_scene([ShapeSpec(colour="red", shape=ha, size=sa, position=pa)], size).any(axis=2)
-            b = render_scene([ShapeSpec(colour="blue", shape=hb, size=sb, position=pb)], size).any(axis=2)
+            one = ShapeSpec(colour="red", shape=ha, size=sa, position=pa)
+            two = ShapeSpec(colour="blue", shape=hb, size=sb, position=pb)
+            a = render_scene([one], size).any(axis=2)
+            b = render_scene([two], size).any(axis=2)
             assert not (a & b).any(), (size, pa, pb, sa, sb)
-            if size < 32:
+            if sa == sb == "large":
+                assert check_image(render_scene([one, two], size), caption_of([one, two]))["all_correct"]
+            if size < 32 or sa == sb == "large":
                 continue
             grown = a.copy()
             grown[1:] |= a[:-1]
@@ -168,10 +175,17 @@ def test_scene_shift_is_shared_bounded_and_keeps_boxes_inside():
 
 
 def test_shapes_stay_inside_the_image():
-    for spec in (ShapeSpec(colour="green", shape="square", size="large", position=p) for p in POSITIONS):
-        img = render_scene([spec], 32)
-        border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
-        assert not border.any()
+    """A large square in every position, with every shift the scene sampler allows, is drawn whole (none of
+    it cut off by the image border): its 16 x 16 box at 32 px, and nothing outside the box."""
+    for p, dx, dy in itertools.product(POSITIONS, (-MAX_SHIFT, 0.0, MAX_SHIFT), (-MAX_SHIFT, 0.0, MAX_SHIFT)):
+        spec = ShapeSpec(colour="green", shape="square", size="large", position=p, shift=(dx, dy))
+        x0, y0, x1, y1 = spec.box
+        if min(x0, y0) < 0.0 or max(x1, y1) > 1.0:  # the sampler never draws this shift here
+            continue
+        on = render_scene([spec], 32).any(axis=2)
+        assert on.sum() == 16 * 16, (p, dx, dy)
+        r, c = np.nonzero(on)
+        assert (r.min(), c.min()) == (round(y0 * 32), round(x0 * 32)), (p, dx, dy)
 
 
 def test_two_shape_prob_extremes():
