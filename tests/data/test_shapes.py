@@ -176,7 +176,7 @@ def test_scene_shift_is_shared_bounded_and_keeps_boxes_inside():
 
 def test_shapes_stay_inside_the_image():
     """A large square in every position, with every shift the scene sampler allows, is drawn whole (none of
-    it cut off by the image border): its 16 x 16 box at 32 px, and nothing outside the box."""
+    it cut off by the image border): 16 x 16 pixels at 32 px, from its box's top-left corner."""
     for p, dx, dy in itertools.product(POSITIONS, (-MAX_SHIFT, 0.0, MAX_SHIFT), (-MAX_SHIFT, 0.0, MAX_SHIFT)):
         spec = ShapeSpec(colour="green", shape="square", size="large", position=p, shift=(dx, dy))
         x0, y0, x1, y1 = spec.box
