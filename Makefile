@@ -5,8 +5,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= demo_out
 # --no-compile: pip byte-compiles every module it installs (torch, deepspeed, ...); with that the install took
-# 81-103 s here, without it 48 s. Python compiles the modules a run imports when it first imports them.
+# 81-103 s here, without it 48 s. Python compiles the modules a run imports when it first imports them, and
+# must be let write them (this environment sets PYTHONDONTWRITEBYTECODE=1): without the .pyc every process
+# the test suite starts (DeepSpeed ranks, CLI runs) compiled torch and deepspeed again, and the suite took
+# 868 s of pytest; with the bytecode written, 455 s.
 PIP_FLAGS ?= --no-compile
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: demo test bench install clean
 
@@ -24,11 +28,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m dalle_ds.demo --out $(OUT)
 
-# Bytecode writing on for the tests (this environment sets PYTHONDONTWRITEBYTECODE=1): with --no-compile and no
-# .pyc, every process the suite starts (DeepSpeed ranks, CLI runs) compiled torch and deepspeed again, and the
-# suite took 868 s of pytest; with the bytecode written, 455 s.
 test: $(STAMP)
-	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest
+	$(PY) -m pytest
 
 bench: $(STAMP)
 	$(PY) -m pytest -m bench -s
