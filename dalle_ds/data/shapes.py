@@ -35,7 +35,7 @@ every validation image right at both sizes):
   Grid centres lie on pixel edges, so at 16 px every box edge does too: a square's or a cross's edges
   are whole pixels, not anti-aliased half pixels. With 5 and 7 px boxes (half-pixel edges) the demo's
   dVAE rendered held-out pairs right 0.76 of the time and the demo scored 0.73 on held-out captions;
-  with 6 and 8 px, 0.84 and 0.79 (one run each, seed 0).
+  with 6 and 8 px, 0.84 and 0.79 (one run each, seed 0, 16 candidates per caption).
 * Two shapes are placed two grid steps apart along at least one axis (e.g. "top left" with "right") and
   always have different colours, so they never overlap (two large shapes' boxes share an edge, a small
   shape keeps a 2/32 gap) and the checker can segment each shape by its colour alone.
