@@ -73,8 +73,7 @@ def run_demo(cfg: ExperimentConfig, out_dir: str | Path, *, num_captions: int = 
     times["prior_train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    clip_summary = train_clip(cfg, out / "clip", dvae_path=dvae_path, tokenizer_path=out / "prior" / "tokenizer.json",
-                              progress=False)
+    clip_summary = train_clip(cfg, out / "clip", tokenizer_path=out / "prior" / "tokenizer.json", progress=False)
     model, ctok, _ = load_clip(out / "clip" / "clip.pt")
     reranker = ContrastiveReranker(model, ctok, cfg.data.image_size)
     times["clip_train_s"] = time.perf_counter() - t

@@ -1,10 +1,14 @@
 """Train the small contrastive image-text model used to rerank samples (`dalle-ds train-clip`).
 
-    python -m dalle_ds.train_clip --preset shapes --out runs/clip [--dvae runs/dvae/dvae.pt]
+    python -m dalle_ds.train_clip --preset shapes --out runs/clip
 
 Reads the same data as the dVAE (any source, filters and counts included) with the prior's preprocessing
-(no flip: captions say "left" and "right"). With --dvae, half of each batch is replaced by its dVAE
-reconstruction (encode -> argmax -> decode), so the reranker has seen images that look like samples.
+(no flip: captions say "left" and "right"). It trains on the images themselves, not on dVAE
+reconstructions: a reconstruction keeps its source's caption even where the dVAE drew another shape (the
+demo's dVAE draws about a third of the crosses it reconstructs as blobs the checker reads as diamonds), and
+a reranker trained on half reconstructions learned to call such blobs crosses. On one demo's models and two
+pools of 48 samples per held-out caption, the best-scored sample was right 0.80 of the time with that
+reranker and 0.88 with one trained on the images alone (mean of three reranker seeds each).
 With clip.hard_negatives > 0, that fraction of each batch comes in pairs of items whose captions differ
 in one word ("a small red square at the top" / "a small red circle at the top"): a reranker compares
 candidates for one caption, and random in-batch negatives rarely teach such fine differences.
@@ -34,8 +38,6 @@ from dalle_ds.contrastive import ContrastiveModel
 from dalle_ds.data.sources import image_dataset
 from dalle_ds.tokenizer import CaptionTokenizer
 
-
-RECON_CACHE_BYTES = 1 << 30
 
 
 def _batch(ds, idx) -> tuple[torch.Tensor, list[str]]:
@@ -96,8 +98,7 @@ def retrieval_accuracy(model: ContrastiveModel, tok: CaptionTokenizer, ds, *, n:
     return float(np.mean([caps[int(b)] == caps[i] for i, b in enumerate(best)]))
 
 
-def train_clip(cfg: ExperimentConfig, out_dir: str | Path, *, dvae_path: str | Path | None = None,
-               tokenizer_path: str | Path | None = None, progress: bool = True) -> dict:
+def train_clip(cfg: ExperimentConfig, out_dir: str | Path, *, tokenizer_path: str | Path | None = None, progress: bool = True) -> dict:
     c = cfg.clip
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,20 +111,12 @@ def train_clip(cfg: ExperimentConfig, out_dir: str | Path, *, dvae_path: str | P
     else:
         caps = [train_set[i]["caption"] for i in range(min(len(train_set), 5000))]
         tok = CaptionTokenizer.train(caps, cfg.tokenizer)
-    dvae = None
-    if dvae_path is not None:
-        from dalle_ds.train_dvae import load_dvae  # noqa: PLC0415
-
-        dvae, _ = load_dvae(dvae_path, cfg)
     model = ContrastiveModel(c, tok.vocab_size, tok.text_len)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / c.steps))))
     history, t0 = [], time.perf_counter()
     bs = min(c.batch_size, len(train_set))
-    # encode -> decode is deterministic: each item's once, when every item's fits in RECON_CACHE_BYTES
-    recons: dict[int, torch.Tensor] = {}
-    keep_recons = len(train_set) * 4 * 3 * cfg.data.image_size ** 2 <= RECON_CACHE_BYTES
     captions = index = None
     if c.hard_negatives > 0:
         captions = (train_set.captions() if hasattr(train_set, "captions")
@@ -133,16 +126,6 @@ def train_clip(cfg: ExperimentConfig, out_dir: str | Path, *, dvae_path: str | P
         model.train()
         idx = draw_batch(len(train_set), bs, rng, captions, index, c.hard_negatives)
         x, caps = _batch(train_set, idx)
-        if dvae is not None:
-            half = bs // 2
-            if not keep_recons:
-                recons.clear()
-            todo = [k for k in range(half) if int(idx[k]) not in recons]
-            if todo:
-                with torch.no_grad():
-                    fresh = dvae.decode(dvae.encode(x[todo])).clamp(0, 1)
-                recons.update(zip((int(idx[k]) for k in todo), fresh))
-            x[:half] = torch.stack([recons[int(i)] for i in idx[:half]])
         loss, stats = model(x, tok.encode_batch(caps, train=False))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -179,10 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
     p.add_argument("--out", required=True, help="run folder: clip.pt, clip_metrics.json")
-    p.add_argument("--dvae", default=None, help="dvae.pt: also train on its reconstructions (sample-like images)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of training one")
     args = p.parse_args(argv)
-    s = train_clip(config_from_args(args), args.out, dvae_path=args.dvae, tokenizer_path=args.tokenizer)
+    s = train_clip(config_from_args(args), args.out, tokenizer_path=args.tokenizer)
     print(json.dumps({k: v for k, v in s.items() if k != "history"}))
 
 
