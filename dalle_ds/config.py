@@ -348,6 +348,8 @@ def preset_shapes() -> ExperimentConfig:
       logit-Laplace loss alone draws each code as the median of its pixels, black while codes still say
       little, and with the KL alone seed 1 never drew green (22.4 dB; seeds 0, 2, 3 at 27.3-28.4 dB).
       With both, seeds 0-3 all drew every colour by step 1500 (24.6-27.0 dB there; 5 and 7 px shapes).
+      With the 6 and 8 px shapes seed 3 never drew red (19.6 dB at step 4000); a fade over 2000 steps
+      kept it, but cost the demo's seed 0 held-out reconstructions (0.84 -> 0.79): see the README.
     The temperature anneals over most of the run, and ln b is capped (`dvae.max_log_b`) so the decoder
     cannot shrug off colour errors as noise. With six shapes the codebook needs 256 codes (at 128 the
     checker read 55 % of reconstructions right, at 256 69 %; with whole-pixel scene shifts 81 %).
