@@ -373,7 +373,7 @@ def preset_shapes() -> ExperimentConfig:
         # the reranker: a bag of words (text_layers=0) scores word by word, so unseen pairs of seen words
         # still score; the brightness stack (shape_stream) sees a shape alike in every colour. Best of 48
         # samples per held-out caption (one demo's models, two pools, reranker seeds 0 and 1): right 0.89
-        # with shape_stream, 0.79 without; one-word-neighbour pairs (hard_negatives) 0.89 with or without
+        # with shape_stream, 0.78 without; one-word-neighbour pairs (hard_negatives) 0.89 with or without
         clip=ClipConfig(embed_dim=128, width=32, text_layers=0, steps=600, hard_negatives=0.5, shape_stream=True),
     )
 

@@ -39,7 +39,6 @@ from dalle_ds.data.sources import image_dataset
 from dalle_ds.tokenizer import CaptionTokenizer
 
 
-
 def _batch(ds, idx) -> tuple[torch.Tensor, list[str]]:
     items = [ds[int(i)] for i in idx]
     return torch.stack([it["image"] for it in items]).float().div_(255.0), [it["caption"] for it in items]
@@ -98,7 +97,8 @@ def retrieval_accuracy(model: ContrastiveModel, tok: CaptionTokenizer, ds, *, n:
     return float(np.mean([caps[int(b)] == caps[i] for i, b in enumerate(best)]))
 
 
-def train_clip(cfg: ExperimentConfig, out_dir: str | Path, *, tokenizer_path: str | Path | None = None, progress: bool = True) -> dict:
+def train_clip(cfg: ExperimentConfig, out_dir: str | Path, *, tokenizer_path: str | Path | None = None,
+               progress: bool = True) -> dict:
     c = cfg.clip
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
