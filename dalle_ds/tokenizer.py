@@ -21,12 +21,13 @@ Built on the `tokenizers` library:
   caption would otherwise match the special token, so any 0 produced from text is mapped to "[UNK]".
 * Captions longer than `cfg.text_len` tokens are truncated, with one warning per tokenizer instance.
 """
+
 from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -46,10 +47,12 @@ def _build_untrained(cfg: TokenizerConfig) -> Tokenizer:
         steps.append(normalizers.Lowercase())
     steps += [normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()]
     tok.normalizer = normalizers.Sequence(steps)
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Metaspace(replacement=METASPACE, prepend_scheme="always", split=True),
-        pre_tokenizers.Punctuation(),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement=METASPACE, prepend_scheme="always", split=True),
+            pre_tokenizers.Punctuation(),
+        ]
+    )
     tok.decoder = decoders.Metaspace(replacement=METASPACE, prepend_scheme="always", split=True)
     return tok
 
@@ -72,8 +75,10 @@ class CaptionTokenizer:
                 raise ValueError(f"tokenizer: special token {token} must have id {expected}, got {got}")
         size = tokenizer.get_vocab_size(with_added_tokens=True)
         if size > cfg.vocab_size:
-            raise ValueError(f"tokenizer.vocab_size: the tokenizer has {size} tokens but the config allows "
-                             f"{cfg.vocab_size}; retrain it or raise tokenizer.vocab_size")
+            raise ValueError(
+                f"tokenizer.vocab_size: the tokenizer has {size} tokens but the config allows "
+                f"{cfg.vocab_size}; retrain it or raise tokenizer.vocab_size"
+            )
         self.cfg = cfg
         self._tok = _with_dropout(tokenizer, None)  # deterministic: validation and sampling
         self._tok_dropout = _with_dropout(tokenizer, cfg.bpe_dropout) if cfg.bpe_dropout > 0 else self._tok
@@ -83,7 +88,7 @@ class CaptionTokenizer:
     # Construction and (de)serialisation
 
     @classmethod
-    def train(cls, captions: Iterable[str], cfg: TokenizerConfig) -> "CaptionTokenizer":
+    def train(cls, captions: Iterable[str], cfg: TokenizerConfig) -> CaptionTokenizer:
         """Learn a BPE vocabulary of at most `cfg.vocab_size` tokens (specials included)."""
         tok = _build_untrained(cfg)
         trainer = trainers.BpeTrainer(
@@ -100,14 +105,14 @@ class CaptionTokenizer:
         return self._tok.to_str()
 
     @classmethod
-    def from_json(cls, text: str, cfg: TokenizerConfig) -> "CaptionTokenizer":
+    def from_json(cls, text: str, cfg: TokenizerConfig) -> CaptionTokenizer:
         return cls(Tokenizer.from_str(text), cfg)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json(), encoding="utf-8")
 
     @classmethod
-    def load(cls, path: str | Path, cfg: TokenizerConfig) -> "CaptionTokenizer":
+    def load(cls, path: str | Path, cfg: TokenizerConfig) -> CaptionTokenizer:
         return cls.from_json(Path(path).read_text(encoding="utf-8"), cfg)
 
     # ------------------------------------------------------------------------------------------
@@ -142,10 +147,12 @@ class CaptionTokenizer:
         if len(ids) > self.cfg.text_len:
             if not self._warned_truncation:
                 self._warned_truncation = True
-                warnings.warn(f"a caption of {len(ids)} tokens was truncated to tokenizer.text_len="
-                              f"{self.cfg.text_len} (further truncations are not reported)",
-                              stacklevel=3)
-            ids = ids[:self.cfg.text_len]
+                warnings.warn(
+                    f"a caption of {len(ids)} tokens was truncated to tokenizer.text_len="
+                    f"{self.cfg.text_len} (further truncations are not reported)",
+                    stacklevel=3,
+                )
+            ids = ids[: self.cfg.text_len]
         return ids
 
     def encode(self, caption: str, *, train: bool = False) -> list[int]:
@@ -161,7 +168,7 @@ class CaptionTokenizer:
         for row, enc in enumerate(encs):
             ids = self._finish(enc.ids)
             if ids:
-                out[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+                out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out
 
     def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
@@ -174,5 +181,7 @@ class CaptionTokenizer:
         return [self.decode(row) for row in batch]
 
     def __repr__(self) -> str:
-        return (f"CaptionTokenizer(vocab_size={self.vocab_size}/{self.cfg.vocab_size}, "
-                f"text_len={self.cfg.text_len}, bpe_dropout={self.cfg.bpe_dropout})")
+        return (
+            f"CaptionTokenizer(vocab_size={self.vocab_size}/{self.cfg.vocab_size}, "
+            f"text_len={self.cfg.text_len}, bpe_dropout={self.cfg.bpe_dropout})"
+        )

@@ -1,4 +1,5 @@
 """Helpers for tests: small data the tests build themselves (no downloads)."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,15 @@ def child_env() -> dict:
 def launch_deepspeed(num_gpus: int, port: int, script: str, *args, timeout: int = 600):
     """`deepspeed --num_gpus N` (CPU ranks) running tests/training/<script> with `args`; fails the calling
     test, with the output's tail, when the launch exits non-zero. Returns the CompletedProcess."""
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(num_gpus),
-           "--master_port", str(port), str(REPO / "tests/training" / script), *map(str, args)]
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "deepspeed"),
+        "--num_gpus",
+        str(num_gpus),
+        "--master_port",
+        str(port),
+        str(REPO / "tests/training" / script),
+        *map(str, args),
+    ]
     proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -49,11 +57,17 @@ def make_encoded_dataset(path: Path, cfg, *, n_train: int = 64, n_val: int = 16,
 
 
 def write_ds_config(path: Path, *, micro: int, stage: int, accum: int = 1) -> Path:
-    cfg = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
-           "gradient_clipping": 4.0, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
+    cfg = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": 4.0,
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+    }
     if stage == 3:
-        cfg["zero_optimization"].update(stage3_param_persistence_threshold=0, overlap_comm=False,
-                                        contiguous_gradients=False)
+        cfg["zero_optimization"].update(
+            stage3_param_persistence_threshold=0, overlap_comm=False, contiguous_gradients=False
+        )
     path.write_text(json.dumps(cfg))
     return path
 

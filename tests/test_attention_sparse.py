@@ -1,18 +1,18 @@
-"""The `sparse` attention backend (dalle_ds/attention_sparse.py): outputs and dQ/dK/dV against a float64
+"""The `sparse` attention backend (dalle_ds/attention/sparse.py): outputs and dQ/dK/dV against a float64
 reference on fresh random inputs, for every layout, T = 256-like and awkward T, and in the prior."""
+
 import dataclasses
 
 import pytest
 import torch
-
 from helpers import layout_id, run_with_grads
 
 from dalle_ds import attention
-from dalle_ds.attention_sparse import block_sparse_attention, build_plan, get_plan, sparse_attention
+from dalle_ds.attention.layout import block_layout
+from dalle_ds.attention.masks import MaskSpec, dense_mask
+from dalle_ds.attention.sparse import block_sparse_attention, build_plan, get_plan, sparse_attention
 from dalle_ds.config import get_preset
 from dalle_ds.kernels.reference import reference_attention
-from dalle_ds.prior.layout import block_layout
-from dalle_ds.prior.masks import MaskSpec, dense_mask
 from dalle_ds.prior.model import Prior
 
 LAYOUTS = [("row", False), ("column", False), ("column", True), ("conv", False), ("causal", False)]
@@ -51,7 +51,9 @@ def test_fp32_output_and_grads_match_float64_reference(layout, shape):
     L = spec.seq_len
     mask = plan.layout.dense_element_mask()[:L, :L]
     q, k, v, g = inputs(L, torch.float32)
-    want = run_with_grads(lambda a, b, c: reference_attention(a, b, c, mask), q.double(), k.double(), v.double(), g.double())
+    want = run_with_grads(
+        lambda a, b, c: reference_attention(a, b, c, mask), q.double(), k.double(), v.double(), g.double()
+    )
     base = run_with_grads(lambda a, b, c: reference_attention(a, b, c, mask, dtype=torch.float32), q, k, v, g)
     got = run_with_grads(lambda a, b, c: block_sparse_attention(a, b, c, plan), q, k, v, g)
     assert_within_2x_baseline(got, base, want, torch.float32)
@@ -83,7 +85,9 @@ def test_fp32_matches_reference_paper_grid(layout, T):
     L = spec.seq_len
     mask = plan.layout.dense_element_mask()[:L, :L]
     q, k, v, g = inputs(L, torch.float32, B=1, H=2, D=32)
-    want = run_with_grads(lambda a, b, c: reference_attention(a, b, c, mask), q.double(), k.double(), v.double(), g.double())
+    want = run_with_grads(
+        lambda a, b, c: reference_attention(a, b, c, mask), q.double(), k.double(), v.double(), g.double()
+    )
     base = run_with_grads(lambda a, b, c: reference_attention(a, b, c, mask, dtype=torch.float32), q, k, v, g)
     got = run_with_grads(lambda a, b, c: block_sparse_attention(a, b, c, plan), q, k, v, g)
     assert_within_2x_baseline(got, base, want, torch.float32)
@@ -132,8 +136,10 @@ def test_merged_and_unmerged_groups_agree(kind):
     merged, single = build_plan(lay, merge=True), build_plan(lay, merge=False)
     assert len(merged.groups) < len(single.groups)
     q, k, v, g = inputs(spec.seq_len, torch.float64)
-    for a, b in zip(run_with_grads(lambda x, y, z: block_sparse_attention(x, y, z, merged), q, k, v, g),
-                    run_with_grads(lambda x, y, z: block_sparse_attention(x, y, z, single), q, k, v, g)):
+    for a, b in zip(
+        run_with_grads(lambda x, y, z: block_sparse_attention(x, y, z, merged), q, k, v, g),
+        run_with_grads(lambda x, y, z: block_sparse_attention(x, y, z, single), q, k, v, g),
+    ):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 

@@ -1,18 +1,20 @@
-"""Attention benchmark (dalle_ds/bench.py): forward and forward+backward per layout and backend at the
+"""Attention benchmark (dalle_ds/attention/bench.py): forward and forward+backward per layout and backend at the
 paper's shape (256 + 32x32 tokens, head size 64; CPU: 8 heads, batch 1, fp32; GPU: 16 heads, batch 4,
 bf16). Run with `pytest -m bench tests/test_bench_attention.py -s`; prints a table and writes
 bench_results/attention_<device>.json. The two small unmarked tests keep the CLI and the FlexAttention
 mask honest in the default run.
 """
+
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from dalle_ds import bench
-from dalle_ds.prior.layout import FULL, block_layout
-from dalle_ds.prior.masks import MaskSpec
+from dalle_ds.attention import bench
+from dalle_ds.cli import bench as bench_cli
+from dalle_ds.attention.layout import FULL, block_layout
+from dalle_ds.attention.masks import MaskSpec
 
 OUT = Path(__file__).resolve().parents[1] / "bench_results"
 
@@ -36,15 +38,36 @@ def test_bench_attention_paper_shape():
 
 
 def test_cli_prints_table_and_writes_json(tmp_path, capsys):
-    """`dalle-ds bench attention --json FILE` (bench.main) on a tiny shape: a table row per layout and
+    """`dalle-ds bench attention --json FILE` (dalle_ds.cli.bench.main) on a tiny shape: a table row per layout and
     backend, and the same rows in the JSON file."""
     out = tmp_path / "a.json"
-    bench.main(["attention", "--text-len", "5", "--grid", "4", "--heads", "1", "--head-dim", "16",
-                "--warmup", "0", "--repeats", "1", "--backends", "dense", "sparse", "--json", str(out)])
+    bench_cli.main(
+        [
+            "attention",
+            "--text-len",
+            "5",
+            "--grid",
+            "4",
+            "--heads",
+            "1",
+            "--head-dim",
+            "16",
+            "--warmup",
+            "0",
+            "--repeats",
+            "1",
+            "--backends",
+            "dense",
+            "sparse",
+            "--json",
+            str(out),
+        ]
+    )
     text = capsys.readouterr().out
     data = json.loads(out.read_text())
     assert {(r["layout"], r["backend"]) for r in data["rows"]} == {
-        (layout, b) for layout in bench.LAYOUTS for b in ("dense", "sparse")}
+        (layout, b) for layout in bench.LAYOUTS for b in ("dense", "sparse")
+    }
     for r in data["rows"]:
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["max_abs_diff_vs_dense"] < 1e-5
     assert "column_t" in text and "x dense" in text
@@ -56,14 +79,14 @@ def test_flex_block_mask_has_the_layout_tiles(layout):
     layout's non-empty and full tiles at the same block size."""
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
     kind, permuted = bench.LAYOUTS[layout]
-    spec = MaskSpec(kind, 256, 8, 5)                               # L = 320, a multiple of 32
+    spec = MaskSpec(kind, 256, 8, 5)  # L = 320, a multiple of 32
     L = spec.seq_len
-    bm = flex.create_block_mask(bench.flex_mask_mod(spec, permuted), None, None, L, L, device="cpu",
-                                BLOCK_SIZE=32)
+    bm = flex.create_block_mask(bench.flex_mask_mod(spec, permuted), None, None, L, L, device="cpu", BLOCK_SIZE=32)
     lay = block_layout(spec, 32, permuted=permuted)
 
     def tiles(num, idx):
         return {(qb, int(idx[0, 0, qb, j])) for qb in range(lay.n_q_blocks) for j in range(int(num[0, 0, qb]))}
+
     partial = tiles(bm.kv_num_blocks, bm.kv_indices)
     full = tiles(bm.full_kv_num_blocks, bm.full_kv_indices)
     nonempty = {tuple(t) for t in torch.nonzero(lay.block_kind).tolist()}

@@ -1,21 +1,34 @@
 """The `dalle-ds` command line."""
+
 import subprocess
 import sys
 
 import numpy as np
 
-from dalle_ds.prior.masks import MaskSpec, dense_mask
+from dalle_ds.attention.masks import MaskSpec, dense_mask
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "dalle_ds.cli", *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-m", "dalle_ds.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_masks_command_writes_the_models_matrix(tmp_path):
     """`dalle-ds masks` writes the exact (T+G², T+G²) matrix the model uses, and a picture of it."""
-    proc = run("masks", "--kind", "conv", "--text-len", "7", "--grid", "5", "--kernel", "3",
-               "--npy", str(tmp_path / "m.npy"), "--png", str(tmp_path / "m.png"))
+    proc = run(
+        "masks",
+        "--kind",
+        "conv",
+        "--text-len",
+        "7",
+        "--grid",
+        "5",
+        "--kernel",
+        "3",
+        "--npy",
+        str(tmp_path / "m.npy"),
+        "--png",
+        str(tmp_path / "m.png"),
+    )
     assert proc.returncode == 0, proc.stderr
     m = np.load(tmp_path / "m.npy")
     assert m.shape == (32, 32) and m.dtype == bool
@@ -25,8 +38,17 @@ def test_masks_command_writes_the_models_matrix(tmp_path):
 
 def test_bad_config_on_the_command_line_is_a_clear_error(tmp_path):
     """A typo in an override stops the run before any work, naming the field and exit code 2."""
-    proc = run("train-prior", "--preset", "tiny", "--set", "prior.n_head=3", "--data", str(tmp_path),
-               "--out", str(tmp_path / "o"))
+    proc = run(
+        "train-prior",
+        "--preset",
+        "tiny",
+        "--set",
+        "prior.n_head=3",
+        "--data",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert proc.returncode == 2
     assert "prior.n_head: unknown field (did you mean prior.n_heads?)" in proc.stderr
 

@@ -1,8 +1,8 @@
 """Configs: presets, validated overrides and the clear errors a bad config gets."""
+
 import pytest
 
-from dalle_ds.config import (ConfigError, PRESETS, apply_overrides, check_compatible, from_dict, get_preset,
-                             load_config)
+from dalle_ds.config import PRESETS, ConfigError, apply_overrides, check_compatible, from_dict, get_preset, load_config
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -22,8 +22,15 @@ def test_12b_preset_is_the_paper():
 
 def test_overrides_are_typed():
     """String overrides are converted to the field's type, fractions and tuples included."""
-    cfg = load_config("tiny", overrides=["prior.d_model=64", "prior.text_loss_weight=1/8",
-                                         "prior_train.betas=0.9,0.95", "tokenizer.lowercase=false"])
+    cfg = load_config(
+        "tiny",
+        overrides=[
+            "prior.d_model=64",
+            "prior.text_loss_weight=1/8",
+            "prior_train.betas=0.9,0.95",
+            "tokenizer.lowercase=false",
+        ],
+    )
     assert cfg.prior.d_model == 64 and cfg.prior.text_loss_weight == 0.125
     assert cfg.prior_train.betas == (0.9, 0.95) and cfg.tokenizer.lowercase is False
 
@@ -39,32 +46,38 @@ def test_yaml_overrides(tmp_path):
         load_config("tiny", f)
 
 
-@pytest.mark.parametrize("override, pattern", [
-    ("prior.d_modl=3", r"prior\.d_modl: unknown field \(did you mean prior\.d_model\?\)"),
-    ("priro.d_model=3", r"priro: unknown field \(did you mean prior\?\)"),
-    ("prior.d_model=abc", r"prior\.d_model: expected an integer"),
-    ("prior.d_model=2.5", r"prior\.d_model: expected an integer"),
-    ("tokenizer.lowercase=maybe", r"tokenizer\.lowercase: expected true or false"),
-    ("d_model=3", r"d_model: overrides are written section\.field=value"),
-])
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("prior.d_modl=3", r"prior\.d_modl: unknown field \(did you mean prior\.d_model\?\)"),
+        ("priro.d_model=3", r"priro: unknown field \(did you mean prior\?\)"),
+        ("prior.d_model=abc", r"prior\.d_model: expected an integer"),
+        ("prior.d_model=2.5", r"prior\.d_model: expected an integer"),
+        ("tokenizer.lowercase=maybe", r"tokenizer\.lowercase: expected true or false"),
+        ("d_model=3", r"d_model: overrides are written section\.field=value"),
+    ],
+)
 def test_bad_override_names_the_field(override, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config("tiny", overrides=[override])
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (["dvae.image_size=18", "data.image_size=18"], "dvae.image_size"),     # 18 % 4 != 0
-    (["prior.n_heads=3"], "prior.n_heads"),                                # 3 does not divide 32
-    (["prior.image_grid=8"], "prior.image_grid"),                          # dVAE gives 4x4
-    (["prior.image_vocab_size=64"], "prior.image_vocab_size"),             # dVAE codebook is 32
-    (["prior.text_len=20"], "prior.text_len"),                             # tokenizer has 12 slots
-    (["prior.conv_kernel=4"], "prior.conv_kernel"),                        # even window
-    (["prior.attention_backend=flash"], "prior.attention_backend"),
-    (["data.image_size=32"], "data.image_size"),
-    (["sample.top_p=0"], "sample.top_p"),
-    (["dvae_train.mse_warmup=-1"], "dvae_train.mse_warmup"),
-    (["dvae_train.mse_warmup=5"], "dvae_train.mse_warmup_steps"),            # fades over 0 steps
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["dvae.image_size=18", "data.image_size=18"], "dvae.image_size"),  # 18 % 4 != 0
+        (["prior.n_heads=3"], "prior.n_heads"),  # 3 does not divide 32
+        (["prior.image_grid=8"], "prior.image_grid"),  # dVAE gives 4x4
+        (["prior.image_vocab_size=64"], "prior.image_vocab_size"),  # dVAE codebook is 32
+        (["prior.text_len=20"], "prior.text_len"),  # tokenizer has 12 slots
+        (["prior.conv_kernel=4"], "prior.conv_kernel"),  # even window
+        (["prior.attention_backend=flash"], "prior.attention_backend"),
+        (["data.image_size=32"], "data.image_size"),
+        (["sample.top_p=0"], "sample.top_p"),
+        (["dvae_train.mse_warmup=-1"], "dvae_train.mse_warmup"),
+        (["dvae_train.mse_warmup=5"], "dvae_train.mse_warmup_steps"),  # fades over 0 steps
+    ],
+)
 def test_inconsistent_combinations_are_refused(overrides, field):
     with pytest.raises(ConfigError) as e:
         load_config("tiny", overrides=overrides)

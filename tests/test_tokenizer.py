@@ -1,4 +1,5 @@
 """BPE caption tokenizer: round trip, case, dropout, padding, truncation, serialisation, vocab size."""
+
 from __future__ import annotations
 
 import json
@@ -91,9 +92,9 @@ def test_padding(tok, captions, cfg):
     assert out.shape == (len(batch), cfg.text_len) and out.dtype == torch.long
     for row, c in zip(out, batch):
         ids = tok.encode(c)
-        assert row[:len(ids)].tolist() == ids
-        assert (row[len(ids):] == tok.pad_id).all()
-        assert (row[:len(ids)] != 0).all()
+        assert row[: len(ids)].tolist() == ids
+        assert (row[len(ids) :] == tok.pad_id).all()
+        assert (row[: len(ids)] != 0).all()
     assert tok.pad_id == 0
     assert (out[16] == 0).all()  # the empty caption is all pads
     for train in (False, True):

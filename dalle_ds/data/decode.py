@@ -9,6 +9,7 @@ Image kinds converted: grayscale (L/LA/1), cmyk, rgba (alpha composited on white
 Caption kinds refused: caption_missing, caption_empty.  Converted: caption_not_utf8 (decoded as cp1252,
                        then latin-1, which never fails, with a BOM stripped).
 """
+
 from __future__ import annotations
 
 import io

@@ -4,6 +4,7 @@ The position is the number of samples consumed globally. Step s reads global pos
 [s*B, (s+1)*B) of an endless sequence of per-epoch permutations, and rank r's micro-batch a takes its
 own slice of that, so a run sees the same global batches whatever its world size or restarts.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +31,9 @@ class DataOrder:
             out.append(int(self._permutation(epoch)[i]))
         return out
 
-    def micro_batch(self, step: int, *, global_batch: int, micro: int, accum_index: int, rank: int,
-                    world: int) -> list[int]:
+    def micro_batch(
+        self, step: int, *, global_batch: int, micro: int, accum_index: int, rank: int, world: int
+    ) -> list[int]:
         """Indices for rank `rank`'s micro-batch number `accum_index` of global step `step`."""
         offset = step * global_batch + (accum_index * world + rank) * micro
         return self.indices(offset, micro)

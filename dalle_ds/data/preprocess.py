@@ -8,6 +8,7 @@ each axis with slack d); t from [R, min(s, 9R/8)]; round/clip; random R crop; NO
 Images whose short side is below R are upsampled to R (bilinear, antialiased); the paper rejects them at
 inference instead, but a training set with a few small images should not fail.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,7 +33,7 @@ def _random_crop(a: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarr
     h, w = a.shape[:2]
     y = int(rng.integers(0, h - size + 1))
     x = int(rng.integers(0, w - size + 1))
-    return a[y:y + size, x:x + size]
+    return a[y : y + size, x : x + size]
 
 
 def _centre_offset(d: int, rng: np.random.Generator) -> int:
@@ -63,7 +64,7 @@ def preprocess_prior(image: np.ndarray, R: int, rng: np.random.Generator) -> tor
     h, w = image.shape[:2]
     s = min(h, w)
     y, x = _centre_offset(h - s, rng), _centre_offset(w - s, rng)
-    square = image[y:y + s, x:x + s]
+    square = image[y : y + s, x : x + s]
     t = _draw_t(R, min(s, (9 * R) // 8), R, rng)
     out = _random_crop(_resize(square, t), R, rng)
     return torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1).contiguous()

@@ -10,23 +10,33 @@ Nothing is decoded here; `dalle_ds.data.sources` decodes, converts, filters and 
 * webdataset:  tar shards (a path or glob), read by `datasets`' webdataset builder: `<key>.jpg` + `<key>.txt`.
 With data.streaming the `datasets` sources are iterated without materialising an Arrow cache.
 """
+
 from __future__ import annotations
 
 import glob
-import hashlib
+import io
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dalle_ds.config import ConfigError, DataConfig
+from dalle_ds.errors import ConfigError
+from dalle_ds.registry import Registry
+
+if TYPE_CHECKING:
+    from dalle_ds.config import DataConfig
+
+
+def _datasets():
+    """The `datasets` module, imported on first use: it takes about a second, and config.py imports this module
+    (for the registry) wherever a model is built."""
+    import datasets  # noqa: PLC0415
+
+    return datasets
+
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img")
 CAPTION_COLUMNS = ("caption", "text", "txt", "alt", "captions")
-
-
-def split_of(key: str, val_fraction: float) -> str:
-    """A stable train/val assignment from the record key (same on every machine and rank)."""
-    h = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
-    return "val" if h / 2.0 ** 64 < val_fraction else "train"
 
 
 class FolderRecords:
@@ -40,6 +50,10 @@ class FolderRecords:
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def keys(self) -> list[str]:
+        """Every record's key without reading a file (data/split.py hashes them)."""
+        return [str(p.relative_to(self.root)) for p in self.files]
 
     def __getitem__(self, i: int) -> dict:
         p = self.files[i]
@@ -81,8 +95,6 @@ def _image_bytes(value) -> bytes | None:
                 return None
         return None
     if hasattr(value, "save"):  # an already decoded PIL image
-        import io  # noqa: PLC0415
-
         buf = io.BytesIO()
         value.save(buf, format="PNG")
         return buf.getvalue()
@@ -93,8 +105,6 @@ class HFRecords:
     """Raw records over a `datasets` Dataset or IterableDataset (images left undecoded)."""
 
     def __init__(self, ds, cfg: DataConfig):
-        import datasets  # noqa: PLC0415
-
         if ds.column_names is not None:
             columns = list(ds.column_names)
         elif ds.features is not None:
@@ -104,10 +114,10 @@ class HFRecords:
         self.image_col = _pick(columns, cfg.image_column, IMAGE_COLUMNS, "image_column")
         self.caption_col = _pick(columns, cfg.caption_column, CAPTION_COLUMNS, "caption_column")
         feats = ds.features or {}
-        if isinstance(feats.get(self.image_col), datasets.Image):
-            ds = ds.cast_column(self.image_col, datasets.Image(decode=False))
+        if isinstance(feats.get(self.image_col), _datasets().Image):
+            ds = ds.cast_column(self.image_col, _datasets().Image(decode=False))
         self.ds = ds.select_columns([c for c in (self.image_col, self.caption_col, "__key__") if c in columns])
-        self.streaming = isinstance(ds, datasets.IterableDataset)
+        self.streaming = isinstance(ds, _datasets().IterableDataset)
 
     def _record(self, row: dict, i: int) -> dict:
         cap = row.get(self.caption_col)
@@ -119,6 +129,12 @@ class HFRecords:
         if self.streaming:
             raise TypeError("a streaming source has no length; iterate it")
         return len(self.ds)
+
+    def keys(self) -> list[str]:
+        """Every record's key (as `_record` makes it), reading the key column only."""
+        if "__key__" in (self.ds.column_names or []):
+            return [str(k) for k in self.ds["__key__"]]
+        return [str(i) for i in range(len(self))]
 
     def __getitem__(self, i: int) -> dict:
         return self._record(self.ds[int(i)], int(i))
@@ -135,47 +151,60 @@ def _files(pattern: str, what: str) -> list[str]:
     return files
 
 
-def hf_dataset(cfg: DataConfig, split: str):
-    """(datasets Dataset/IterableDataset, whether it is already the requested split)."""
-    import datasets  # noqa: PLC0415
-
-    kind, path = cfg.dataset, cfg.path
-    if kind == "hf_disk":
-        ds = datasets.load_from_disk(path)
-        if isinstance(ds, datasets.DatasetDict):
-            if split in ds:
-                ds = ds[split]
-                exact = True
-            elif split == "val" and "validation" in ds:
-                ds, exact = ds["validation"], True
-            else:
-                ds, exact = ds["train" if "train" in ds else next(iter(ds))], False
+def _hf_disk(cfg: DataConfig, split: str):
+    ds = _datasets().load_from_disk(cfg.path)
+    exact = False
+    if isinstance(ds, _datasets().DatasetDict):
+        if split in ds:
+            ds, exact = ds[split], True
+        elif split == "val" and "validation" in ds:
+            ds, exact = ds["validation"], True
         else:
-            exact = False
-        if cfg.streaming:
-            ds = ds.to_iterable_dataset()
-        return ds, exact
-    if kind == "parquet":
-        ds = datasets.load_dataset("parquet", data_files=_files(path, "parquet files"), split="train",
-                                   streaming=cfg.streaming)
-    elif kind == "webdataset":
-        ds = datasets.load_dataset("webdataset", data_files=_files(path, "tar shards"), split="train",
-                                   streaming=cfg.streaming)
-    elif kind == "imagefolder":
-        if not Path(path).is_dir():
-            raise ConfigError(f"data.path: {path} is not a folder")
-        ds = datasets.load_dataset("imagefolder", data_dir=path, split="train", streaming=cfg.streaming)
-    else:
-        raise ConfigError(f"data.dataset: {kind!r} is not a `datasets` source")
-    return ds, False
+            ds = ds["train" if "train" in ds else next(iter(ds))]
+    if cfg.streaming:
+        ds = ds.to_iterable_dataset()
+    return HFRecords(ds, cfg), exact
+
+
+def _builder(name: str, what: str):
+    """A `datasets` packaged builder over the files data.path names (a path or a glob)."""
+
+    def read(cfg: DataConfig, split: str):
+        ds = _datasets().load_dataset(name, data_files=_files(cfg.path, what), split="train", streaming=cfg.streaming)
+        return HFRecords(ds, cfg), False
+
+    return read
+
+
+def _imagefolder(cfg: DataConfig, split: str):
+    if not Path(cfg.path).is_dir():
+        raise ConfigError(f"data.path: {cfg.path} is not a folder")
+    ds = _datasets().load_dataset("imagefolder", data_dir=cfg.path, split="train", streaming=cfg.streaming)
+    return HFRecords(ds, cfg), False
+
+
+def _folder(cfg: DataConfig, split: str):
+    root = Path(cfg.path)
+    if (root / split).is_dir():
+        return FolderRecords(root / split), True
+    return FolderRecords(root), False
+
+
+# name -> reader(cfg, split) -> (records, exact_split); "shapes" is the built-in procedural set (data/shapes.py),
+# which has no raw records.
+Reader = Callable[["DataConfig", str], tuple]
+DATASETS: Registry[Reader] = Registry("data.dataset", "dataset")
+DATASETS.register("shapes", None)
+DATASETS.register("folder", _folder)
+DATASETS.register("hf_disk", _hf_disk)
+DATASETS.register("parquet", _builder("parquet", "parquet files"))
+DATASETS.register("imagefolder", _imagefolder)
+DATASETS.register("webdataset", _builder("webdataset", "tar shards"))
 
 
 def raw_records(cfg: DataConfig, split: str):
     """(records, exact_split): records are map-style (len/getitem) unless data.streaming."""
-    if cfg.dataset == "folder":
-        root = Path(cfg.path)
-        if (root / split).is_dir():
-            return FolderRecords(root / split), True
-        return FolderRecords(root), False
-    ds, exact = hf_dataset(cfg, split)
-    return HFRecords(ds, cfg), exact
+    reader = DATASETS.get(cfg.dataset)
+    if reader is None:
+        raise ConfigError(f"data.dataset: {cfg.dataset!r} is built in and has no raw records")
+    return reader(cfg, split)

@@ -1,4 +1,5 @@
 """Counts of what a pass over a dataset saw: kept, converted (by kind), skipped (by kind), filtered (by rule)."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -12,11 +13,11 @@ FILTER_KINDS = ("caption_too_short", "caption_not_english", "caption_boilerplate
 class PassReport:
     seen: int = 0
     kept: int = 0
-    skipped: Counter = field(default_factory=Counter)    # unusable input, by defect kind
-    filtered: Counter = field(default_factory=Counter)   # usable but dropped by one of the paper's filters
+    skipped: Counter = field(default_factory=Counter)  # unusable input, by defect kind
+    filtered: Counter = field(default_factory=Counter)  # usable but dropped by one of the paper's filters
     converted: Counter = field(default_factory=Counter)  # kept after a conversion (cmyk, grayscale, ...)
 
-    def merge(self, other: "PassReport") -> "PassReport":
+    def merge(self, other: PassReport) -> PassReport:
         self.seen += other.seen
         self.kept += other.kept
         self.skipped.update(other.skipped)
@@ -25,16 +26,29 @@ class PassReport:
         return self
 
     def as_dict(self) -> dict:
-        return {"seen": self.seen, "kept": self.kept, "skipped": dict(sorted(self.skipped.items())),
-                "filtered": dict(sorted(self.filtered.items())), "converted": dict(sorted(self.converted.items()))}
+        return {
+            "seen": self.seen,
+            "kept": self.kept,
+            "skipped": dict(sorted(self.skipped.items())),
+            "filtered": dict(sorted(self.filtered.items())),
+            "converted": dict(sorted(self.converted.items())),
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PassReport":
-        return cls(seen=d["seen"], kept=d["kept"], skipped=Counter(d["skipped"]), filtered=Counter(d["filtered"]),
-                   converted=Counter(d["converted"]))
+    def from_dict(cls, d: dict) -> PassReport:
+        return cls(
+            seen=d["seen"],
+            kept=d["kept"],
+            skipped=Counter(d["skipped"]),
+            filtered=Counter(d["filtered"]),
+            converted=Counter(d["converted"]),
+        )
 
     def summary(self) -> str:
         def fmt(c: Counter) -> str:
             return ", ".join(f"{k}={v}" for k, v in sorted(c.items())) or "none"
-        return (f"data pass: {self.kept}/{self.seen} kept; skipped: {fmt(self.skipped)}; "
-                f"filtered: {fmt(self.filtered)}; converted: {fmt(self.converted)}")
+
+        return (
+            f"data pass: {self.kept}/{self.seen} kept; skipped: {fmt(self.skipped)}; "
+            f"filtered: {fmt(self.filtered)}; converted: {fmt(self.converted)}"
+        )

@@ -44,12 +44,13 @@ every validation image right at both sizes):
 * Determinism: item i of a split is drawn from a generator seeded by (seed, split, i), so it does not
   depend on the order in which items are read, on DataLoader workers or on other instances.
 """
+
 from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -75,9 +76,15 @@ HALF_EXTENT: dict[str, float] = {"small": 6 / 32, "large": 8 / 32}
 
 # Named positions on a 3x3 grid: (row, column), row 0 = top, column 0 = left.
 POSITIONS: tuple[str, ...] = (
-    "top left", "top", "top right",
-    "left", "centre", "right",
-    "bottom left", "bottom", "bottom right",
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "centre",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
 )
 POSITION_GRID: dict[str, tuple[int, int]] = {name: divmod(k, 3) for k, name in enumerate(POSITIONS)}
 GRID_CENTRES: tuple[float, float, float] = (0.25, 0.5, 0.75)  # centre of row/column 0, 1, 2
@@ -87,13 +94,14 @@ POSITION_ALIASES: dict[str, str] = {"center": "centre", "middle": "centre"}
 # Held out of training and validation: a diagonal of the colour x shape table, so each colour and each
 # shape is held out exactly once and still seen in five other pairs.
 HELDOUT_PAIRS: tuple[tuple[str, str], ...] = tuple(zip(COLOURS, SHAPES))
-TRAIN_PAIRS: tuple[tuple[str, str], ...] = tuple(
-    (c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELDOUT_PAIRS)
+TRAIN_PAIRS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELDOUT_PAIRS)
 
 # Position pairs allowed in a two-shape scene: two grid steps apart along at least one axis.
 FAR_POSITION_PAIRS: tuple[tuple[str, str], ...] = tuple(
-    (a, b) for a, b in itertools.combinations(POSITIONS, 2)
-    if max(abs(POSITION_GRID[a][0] - POSITION_GRID[b][0]), abs(POSITION_GRID[a][1] - POSITION_GRID[b][1])) == 2)
+    (a, b)
+    for a, b in itertools.combinations(POSITIONS, 2)
+    if max(abs(POSITION_GRID[a][0] - POSITION_GRID[b][0]), abs(POSITION_GRID[a][1] - POSITION_GRID[b][1])) == 2
+)
 
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "heldout": 2}
 SUPERSAMPLE = 4
@@ -110,8 +118,12 @@ class ShapeSpec:
     shift: tuple[float, float] = (0.0, 0.0)  # (dx, dy) of the whole scene, fractions of the side
 
     def __post_init__(self) -> None:
-        for value, allowed, what in ((self.colour, COLOURS, "colour"), (self.shape, SHAPES, "shape"),
-                                     (self.size, SIZES, "size"), (self.position, POSITIONS, "position")):
+        for value, allowed, what in (
+            (self.colour, COLOURS, "colour"),
+            (self.shape, SHAPES, "shape"),
+            (self.size, SIZES, "size"),
+            (self.position, POSITIONS, "position"),
+        ):
             if value not in allowed:
                 raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
 
@@ -136,15 +148,20 @@ class ShapeSpec:
 # ----------------------------------------------------------------------------------------------
 # Captions
 
+
 def caption_of(scene: Iterable[ShapeSpec]) -> str:
-    """"a small red triangle at the top left and a large blue circle at the bottom right"."""
+    """ "a small red triangle at the top left and a large blue circle at the bottom right"."""
     return " and ".join(s.phrase for s in scene)
 
 
 _PHRASE = re.compile(
     r"^an?\s+(?P<size>{})\s+(?P<colour>{})\s+(?P<shape>{})\s+(?:at|in)\s+the\s+(?P<position>{})$".format(
-        "|".join(SIZES), "|".join(COLOURS), "|".join(SHAPES),
-        "|".join(sorted(list(POSITIONS) + list(POSITION_ALIASES), key=len, reverse=True))))
+        "|".join(SIZES),
+        "|".join(COLOURS),
+        "|".join(SHAPES),
+        "|".join(sorted(list(POSITIONS) + list(POSITION_ALIASES), key=len, reverse=True)),
+    )
+)
 
 
 def parse_caption(caption: str) -> list[ShapeSpec]:
@@ -158,8 +175,9 @@ def parse_caption(caption: str) -> list[ShapeSpec]:
     for phrase in text.split(" and "):
         m = _PHRASE.match(phrase.strip())
         if m is None:
-            raise ValueError(f"caption {caption!r}: cannot parse {phrase!r}; expected e.g. "
-                             f"'a small red triangle at the top left'")
+            raise ValueError(
+                f"caption {caption!r}: cannot parse {phrase!r}; expected e.g. 'a small red triangle at the top left'"
+            )
         position = POSITION_ALIASES.get(m["position"], m["position"])
         specs.append(ShapeSpec(colour=m["colour"], shape=m["shape"], size=m["size"], position=position))
     return specs
@@ -172,6 +190,7 @@ def scene_from_caption(caption: str) -> list[ShapeSpec]:
 
 # ----------------------------------------------------------------------------------------------
 # Rendering
+
 
 def render_scene(scene: Iterable[ShapeSpec], image_size: int, *, supersample: int = SUPERSAMPLE) -> np.ndarray:
     """Render shapes on black as a uint8 array (image_size, image_size, 3).
@@ -218,14 +237,17 @@ def render_caption(caption: str, image_size: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Scene sampling
 
+
 def _shifted(scene: list[ShapeSpec], rng: np.random.Generator) -> list[ShapeSpec]:
     """The scene moved along each axis by -MAX_SHIFT, 0 or +MAX_SHIFT (uniformly among those that keep
     every box inside)."""
     shift = []
     for axis in range(2):
-        allowed = [k * MAX_SHIFT for k in (-1, 0, 1)
-                   if all(0.0 <= s.box[axis] + k * MAX_SHIFT and s.box[axis + 2] + k * MAX_SHIFT <= 1.0
-                          for s in scene)]
+        allowed = [
+            k * MAX_SHIFT
+            for k in (-1, 0, 1)
+            if all(0.0 <= s.box[axis] + k * MAX_SHIFT and s.box[axis + 2] + k * MAX_SHIFT <= 1.0 for s in scene)
+        ]
         shift.append(float(allowed[rng.integers(len(allowed))]))
     return [replace(s, shift=(shift[0], shift[1])) for s in scene]
 
@@ -239,11 +261,19 @@ def _sample_training_scene(rng: np.random.Generator, two_shape_prob: float) -> l
         first = TRAIN_PAIRS[rng.integers(len(TRAIN_PAIRS))]
         others = [p for p in TRAIN_PAIRS if p[0] != first[0]]  # two shapes never share a colour
         second = others[rng.integers(len(others))]
-        return [ShapeSpec(colour=c, shape=s, size=SIZES[rng.integers(len(SIZES))], position=pos)
-                for (c, s), pos in zip((first, second), positions)]
+        return [
+            ShapeSpec(colour=c, shape=s, size=SIZES[rng.integers(len(SIZES))], position=pos)
+            for (c, s), pos in zip((first, second), positions)
+        ]
     colour, shape = TRAIN_PAIRS[rng.integers(len(TRAIN_PAIRS))]
-    return [ShapeSpec(colour=colour, shape=shape, size=SIZES[rng.integers(len(SIZES))],
-                      position=POSITIONS[rng.integers(len(POSITIONS))])]
+    return [
+        ShapeSpec(
+            colour=colour,
+            shape=shape,
+            size=SIZES[rng.integers(len(SIZES))],
+            position=POSITIONS[rng.integers(len(POSITIONS))],
+        )
+    ]
 
 
 def _heldout_orders(seed: int) -> list[list[tuple[str, str]]]:
@@ -288,10 +318,11 @@ class ShapesDataset(torch.utils.data.Dataset):
     item many times, and PIL rendering at 4x supersampling costs as much as a sixth of a demo dVAE step.
     """
 
-    CACHE_BYTES = 256 * 2 ** 20
+    CACHE_BYTES = 256 * 2**20
 
-    def __init__(self, *, split: str, size: int, image_size: int, seed: int = 0,
-                 two_shape_prob: float = 0.3, noise: int = 10) -> None:
+    def __init__(
+        self, *, split: str, size: int, image_size: int, seed: int = 0, two_shape_prob: float = 0.3, noise: int = 10
+    ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         if size < 0:
@@ -306,7 +337,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.split, self.size, self.image_size = split, size, image_size
         self.seed, self.two_shape_prob = seed, two_shape_prob
         self._orders = _heldout_orders(seed) if split == "heldout" else None
-        fits = size * 3 * image_size ** 2 <= self.CACHE_BYTES
+        fits = size * 3 * image_size**2 <= self.CACHE_BYTES
         self._cache: dict[int, tuple[torch.Tensor, str]] | None = {} if fits else None
 
     def __len__(self) -> int:
@@ -342,9 +373,9 @@ class ShapesDataset(torch.utils.data.Dataset):
         return {"image": hit[0].clone(), "caption": hit[1]}
 
     def _render(self, i: int, scene: list[ShapeSpec]) -> torch.Tensor:
-        pixels = render_scene(scene, self.image_size)                        # (H, W, 3) uint8
+        pixels = render_scene(scene, self.image_size)  # (H, W, 3) uint8
         if self.noise:
             rng = np.random.default_rng([self.seed, SPLITS[self.split], i, 1])
             jitter = rng.integers(-self.noise, self.noise + 1, size=pixels.shape)
             pixels = np.clip(pixels.astype(np.int16) + jitter, 0, 255).astype(np.uint8)
-        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()       # (3, H, W)
+        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # (3, H, W)

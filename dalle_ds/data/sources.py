@@ -12,6 +12,7 @@ decodes, filters and counts on the fly (train_dvae reads it through data/stream.
 `purpose` picks the preprocessing (PAPER §1.4): "dvae" = Listing 1 (random crop, area resize, flip),
 "prior" = Listing 2 (near-centre crop, no flip); random draws are seeded by (seed, item, access count).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -25,8 +26,9 @@ from dalle_ds.config import ConfigError, DataConfig
 from dalle_ds.data.decode import BadInput, decode_caption, decode_image, open_image
 from dalle_ds.data.filters import caption_rejection, image_rejection
 from dalle_ds.data.preprocess import PREPROCESS
-from dalle_ds.data.records import raw_records, split_of
+from dalle_ds.data.records import raw_records
 from dalle_ds.data.report import PassReport
+from dalle_ds.data.split import hash_split, record_keys, warn_if_small_val
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +68,26 @@ class CleanImageDataset(Dataset):
         self.records, exact = raw_records(cfg, split)
         self.report = PassReport()
         self.keep: list[int] = []
+        split_of = None if exact else hash_split(self.records, cfg)
+        keys = None if exact else record_keys(self.records)  # decide the split before reading a record's bytes
         for i in range(len(self.records)):
-            rec = self.records[i]
-            if not exact and split_of(rec["key"], cfg.val_fraction) != split:
+            if split_of is not None and split_of(keys[i]) != split:
                 continue
-            if clean_record(rec, cfg, self.report) is not None:
+            if clean_record(self.records[i], cfg, self.report) is not None:
                 self.keep.append(i)
         self._access = 0
         log.info("%s split %s: %s", cfg.path, split, self.report.summary())
         if not self.keep:
             raise ConfigError(f"data.path: no usable {split} records in {cfg.path} ({self.report.summary()})")
+        if split == "val":
+            warn_if_small_val(len(self.keep), str(cfg.path))
+
+    def state_dict(self) -> dict:
+        """The random-crop counter: restoring it makes a resumed reader draw the same crops (train_clip)."""
+        return {"access": self._access}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._access = int(state["access"])
 
     def __len__(self) -> int:
         return len(self.keep)
@@ -93,8 +105,17 @@ class CleanImageDataset(Dataset):
         return {"image": PREPROCESS[self.purpose](pixels, self.cfg.image_size, rng), "caption": caption}
 
 
-def stream_items(cfg: DataConfig, split: str, purpose: str = "prior", *, rank: int = 0, world: int = 1,
-                 start: int = 0, report: PassReport | None = None, epoch: int = 0):
+def stream_items(
+    cfg: DataConfig,
+    split: str,
+    purpose: str = "prior",
+    *,
+    rank: int = 0,
+    world: int = 1,
+    start: int = 0,
+    report: PassReport | None = None,
+    epoch: int = 0,
+):
     """Iterate (position, item) over rank `rank`'s shard of a split, decoding, filtering and counting on the fly.
 
     Records are dealt round-robin over ranks (record n goes to rank n % world). `position` counts the raw
@@ -103,6 +124,7 @@ def stream_items(cfg: DataConfig, split: str, purpose: str = "prior", *, rank: i
     preprocessing, so a second pass over the shard sees other crops and flips.
     """
     records, exact = raw_records(cfg, split)
+    split_of = None if exact else hash_split(records, cfg)
     report = report if report is not None else PassReport()
     if getattr(records, "streaming", False):
         mine = itertools.islice(iter(records), rank + start * world, None, world)
@@ -111,7 +133,7 @@ def stream_items(cfg: DataConfig, split: str, purpose: str = "prior", *, rank: i
     pos = start
     for n, rec in enumerate(mine):
         pos = start + n + 1
-        if not exact and split_of(rec["key"], cfg.val_fraction) != split:
+        if split_of is not None and split_of(rec["key"]) != split:
             continue
         out = clean_record(rec, cfg, report)
         if out is None:
@@ -127,11 +149,14 @@ def image_dataset(cfg: DataConfig, split: str, purpose: str = "dvae") -> Dataset
         from dalle_ds.data.shapes import ShapesDataset  # noqa: PLC0415
 
         size = {"train": cfg.num_train, "val": cfg.num_val}[split]
-        return ShapesDataset(split=split, size=size, image_size=cfg.image_size, seed=cfg.seed,
-                             two_shape_prob=cfg.two_shape_prob)
+        return ShapesDataset(
+            split=split, size=size, image_size=cfg.image_size, seed=cfg.seed, two_shape_prob=cfg.two_shape_prob
+        )
     if cfg.streaming:
-        raise ConfigError("data.streaming: this entry point reads a map-style dataset; train_dvae and "
-                          "`dalle-ds encode` stream (data/stream.py), or set data.streaming=false")
+        raise ConfigError(
+            "data.streaming: this entry point reads a map-style dataset; train_dvae and "
+            "`dalle-ds encode` stream (data/stream.py), or set data.streaming=false"
+        )
     from dalle_ds.config import DATASETS  # noqa: PLC0415
 
     if cfg.dataset not in DATASETS:

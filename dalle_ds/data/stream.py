@@ -10,6 +10,7 @@ reads exactly the items an uninterrupted run would have read next. At the end of
 next epoch over it (other random crops and flips). There is no shuffle buffer: items come in source order
 (shuffle webdataset shards when writing them).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,8 +38,16 @@ class StreamOrder:
     so the state handed to a checkpoint never includes what was read ahead.
     """
 
-    def __init__(self, cfg: DataConfig, split: str = "train", purpose: str = "dvae", *, rank: int = 0,
-                 world: int = 1, prefetch: int = 0):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        split: str = "train",
+        purpose: str = "dvae",
+        *,
+        rank: int = 0,
+        world: int = 1,
+        prefetch: int = 0,
+    ):
         self.cfg, self.split, self.purpose, self.rank, self.world = cfg, split, purpose, rank, world
         self.prefetch = prefetch
         self.epoch, self.position, self.items, self.keys_digest = 0, 0, 0, ""
@@ -48,13 +57,22 @@ class StreamOrder:
         self._thread: threading.Thread | None = None
 
     def state_dict(self) -> dict:
-        return {"rank": self.rank, "world": self.world, "epoch": self.epoch, "position": self.position,
-                "items": self.items, "keys_digest": self.keys_digest, "report": self.report.as_dict()}
+        return {
+            "rank": self.rank,
+            "world": self.world,
+            "epoch": self.epoch,
+            "position": self.position,
+            "items": self.items,
+            "keys_digest": self.keys_digest,
+            "report": self.report.as_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if (state["rank"], state["world"]) != (self.rank, self.world):
-            raise ValueError(f"stream checkpoint of rank {state['rank']}/{state['world']} cannot resume rank "
-                             f"{self.rank}/{self.world}: the shards differ; resume with the same number of ranks")
+            raise ValueError(
+                f"stream checkpoint of rank {state['rank']}/{state['world']} cannot resume rank "
+                f"{self.rank}/{self.world}: the shards differ; resume with the same number of ranks"
+            )
         self.close()  # reopen at the restored position on the next read
         self.epoch, self.position, self.items = state["epoch"], state["position"], state["items"]
         self.keys_digest, self.report = state["keys_digest"], PassReport.from_dict(state["report"])
@@ -76,13 +94,23 @@ class StreamOrder:
         """(epoch, position, report dict, item) from the given state on, over epochs without end."""
         while True:
             empty = position == 0  # a whole pass without an item: nothing usable at all
-            for position, item in stream_items(self.cfg, self.split, self.purpose, rank=self.rank,
-                                               world=self.world, start=position, report=report, epoch=epoch):
+            for position, item in stream_items(
+                self.cfg,
+                self.split,
+                self.purpose,
+                rank=self.rank,
+                world=self.world,
+                start=position,
+                report=report,
+                epoch=epoch,
+            ):
                 empty = False
                 yield epoch, position, report.as_dict(), item
             if empty:
-                raise ConfigError(f"data.path: rank {self.rank} of {self.world} has no usable {self.split} records "
-                                  f"in {self.cfg.path} ({report.summary()})")
+                raise ConfigError(
+                    f"data.path: rank {self.rank} of {self.world} has no usable {self.split} records "
+                    f"in {self.cfg.path} ({report.summary()})"
+                )
             log.info("rank %d finished epoch %d of its %s stream: %s", self.rank, epoch, self.split, report.summary())
             epoch, position = epoch + 1, 0
 
@@ -132,13 +160,16 @@ class StreamOrder:
         self.report = PassReport.from_dict(report)
         return item
 
-    def micro_batch(self, step: int, *, global_batch: int, micro: int, accum_index: int, rank: int,
-                    world: int) -> list[dict]:
+    def micro_batch(
+        self, step: int, *, global_batch: int, micro: int, accum_index: int, rank: int, world: int
+    ) -> list[dict]:
         """The next `micro` items of this rank's stream: the micro-batch `accum_index` of step `step`."""
         expected = (step * (global_batch // (micro * world)) + accum_index) * micro
         if expected != self.items or (rank, world) != (self.rank, self.world):
-            raise RuntimeError(f"stream order asked for step {step} micro-batch {accum_index} (item {expected}) "
-                               f"but has handed out {self.items} items: a stream is read in order only")
+            raise RuntimeError(
+                f"stream order asked for step {step} micro-batch {accum_index} (item {expected}) "
+                f"but has handed out {self.items} items: a stream is read in order only"
+            )
         batch = [self._next_item() for _ in range(micro)]
         for item in batch:
             self.keys_digest = chain_digest(self.keys_digest, item["key"])
@@ -146,8 +177,9 @@ class StreamOrder:
         return batch
 
 
-def first_items(cfg: DataConfig, split: str, limit: int, purpose: str = "dvae",
-                report: PassReport | None = None) -> list[dict]:
+def first_items(
+    cfg: DataConfig, split: str, limit: int, purpose: str = "dvae", report: PassReport | None = None
+) -> list[dict]:
     """The first `limit` usable items of a split (all of them if fewer), e.g. a fixed validation sample."""
     out = []
     for _, item in stream_items(cfg, split, purpose, report=report):

@@ -3,6 +3,7 @@
 An int64 table of every grid takes 4x the memory of the stored uint16 (for 250M images of 32x32 tokens:
 2 TB instead of 512 GB), so `load_encoded` keeps the 16-bit array and the training loop converts per batch.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,7 +19,7 @@ class TokenTable:
         self.array = array
 
     @classmethod
-    def from_column(cls, chunks) -> "TokenTable":
+    def from_column(cls, chunks) -> TokenTable:
         """From a pyarrow (chunked) list<uint16> column of equal-length grids, without Python objects."""
         parts = [c.flatten().to_numpy(zero_copy_only=False) for c in getattr(chunks, "chunks", [chunks])]
         n = len(chunks)

@@ -5,7 +5,6 @@ functions compute in fp32 (or fp64 when given fp64) whatever the input dtype, be
 """
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -52,8 +51,9 @@ def kl_to_uniform(logits: Tensor, dim: int = 1) -> Tensor:
     return (log_q.exp() * log_q).sum(dim=dim) + math.log(num_codes)
 
 
-def gumbel_softmax(logits: Tensor, temperature: float, dim: int = 1,
-                   generator: Optional[torch.Generator] = None) -> Tensor:
+def gumbel_softmax(
+    logits: Tensor, temperature: float, dim: int = 1, generator: torch.Generator | None = None
+) -> Tensor:
     """Relaxed one-hot sample softmax((logits + g) / temperature), g ~ Gumbel(0, 1) i.i.d. (soft, no ST).
 
     `generator` (on the logits' device) makes the noise reproducible.

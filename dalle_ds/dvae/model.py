@@ -10,8 +10,8 @@ Shapes: B batch, C image channels (3), H = W = image_size, K = vocab_size, G = H
 Precision: the encoder's last conv (logits) and the decoder's first conv always compute in fp32, as in
 the release; every other conv computes in its weight dtype (or the autocast dtype when autocast is on).
 """
+
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +32,9 @@ class Conv2d(nn.Module):
             raise ValueError(f"Conv2d: kernel size must be odd and >= 1, got {kw}")
         self.n_in, self.n_out, self.kw, self.fp32 = n_in, n_out, kw, fp32
         self.padding = (kw - 1) // 2
-        w = torch.empty((n_out, n_in, kw, kw)).normal_(std=1 / math.sqrt(n_in * kw ** 2))
-        self.w = nn.Parameter(w)                            # (n_out, n_in, k, k)
-        self.b = nn.Parameter(torch.zeros((n_out,)))        # (n_out,)
+        w = torch.empty((n_out, n_in, kw, kw)).normal_(std=1 / math.sqrt(n_in * kw**2))
+        self.w = nn.Parameter(w)  # (n_out, n_in, k, k)
+        self.b = nn.Parameter(torch.zeros((n_out,)))  # (n_out,)
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (B, n_in, h, w) -> (B, n_out, h, w)
@@ -64,8 +64,7 @@ class _BottleneckBlock(nn.Module):
     def __init__(self, n_in: int, n_out: int, post_gain: float) -> None:
         super().__init__()
         if n_out % 4 != 0:
-            raise ValueError(f"{type(self).__name__}: n_out must be a multiple of 4 (bottleneck n_out/4), "
-                             f"got {n_out}")
+            raise ValueError(f"{type(self).__name__}: n_out must be a multiple of 4 (bottleneck n_out/4), got {n_out}")
         self.n_in, self.n_out, self.n_hid = n_in, n_out, n_out // 4
         self.post_gain = post_gain
         widths = (n_in, self.n_hid, self.n_hid, self.n_hid, n_out)
@@ -98,26 +97,27 @@ class Encoder(nn.Module):
     def __init__(self, cfg: DVAEConfig) -> None:
         super().__init__()
         if cfg.n_groups < 1 or cfg.n_blk_per_group < 1:
-            raise ValueError(f"Encoder: need n_groups >= 1 and n_blk_per_group >= 1, got "
-                             f"{cfg.n_groups} and {cfg.n_blk_per_group}")
+            raise ValueError(
+                f"Encoder: need n_groups >= 1 and n_blk_per_group >= 1, got {cfg.n_groups} and {cfg.n_blk_per_group}"
+            )
         self.cfg = cfg
         gain = _post_gain(cfg)
         self.blocks = nn.Sequential()
-        self.blocks.add_module("input", Conv2d(cfg.channels, cfg.n_hid, 7))    # (B, n_hid, H, W)
+        self.blocks.add_module("input", Conv2d(cfg.channels, cfg.n_hid, 7))  # (B, n_hid, H, W)
         n_prev = cfg.n_hid
         for g in range(cfg.n_groups):
-            width = cfg.n_hid * 2 ** g
+            width = cfg.n_hid * 2**g
             group = nn.Sequential()
             for i in range(cfg.n_blk_per_group):
                 group.add_module(f"block_{i + 1}", EncoderBlock(n_prev if i == 0 else width, width, gain))
             if g < cfg.n_groups - 1:
-                group.add_module("pool", nn.MaxPool2d(kernel_size=2))         # spatial / 2
-            self.blocks.add_module(f"group_{g + 1}", group)                   # (B, width, H/2^g', ...)
+                group.add_module("pool", nn.MaxPool2d(kernel_size=2))  # spatial / 2
+            self.blocks.add_module(f"group_{g + 1}", group)  # (B, width, H/2^g', ...)
             n_prev = width
         output = nn.Sequential()
         output.add_module("relu", nn.ReLU())
         output.add_module("conv", Conv2d(n_prev, cfg.vocab_size, 1, fp32=True))
-        self.blocks.add_module("output", output)                              # (B, K, G, G) fp32
+        self.blocks.add_module("output", output)  # (B, K, G, G) fp32
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (B, C, H, W) mapped pixels -> (B, K, G, G) fp32 logits
@@ -134,15 +134,16 @@ class Decoder(nn.Module):
     def __init__(self, cfg: DVAEConfig) -> None:
         super().__init__()
         if cfg.n_groups < 1 or cfg.n_blk_per_group < 1:
-            raise ValueError(f"Decoder: need n_groups >= 1 and n_blk_per_group >= 1, got "
-                             f"{cfg.n_groups} and {cfg.n_blk_per_group}")
+            raise ValueError(
+                f"Decoder: need n_groups >= 1 and n_blk_per_group >= 1, got {cfg.n_groups} and {cfg.n_blk_per_group}"
+            )
         self.cfg = cfg
         gain = _post_gain(cfg)
         self.blocks = nn.Sequential()
         self.blocks.add_module("input", Conv2d(cfg.vocab_size, cfg.n_init, 1, fp32=True))  # (B, n_init, G, G)
         n_prev = cfg.n_init
         for g in range(cfg.n_groups):
-            width = cfg.n_hid * 2 ** (cfg.n_groups - 1 - g)                  # widest first
+            width = cfg.n_hid * 2 ** (cfg.n_groups - 1 - g)  # widest first
             group = nn.Sequential()
             for i in range(cfg.n_blk_per_group):
                 group.add_module(f"block_{i + 1}", DecoderBlock(n_prev if i == 0 else width, width, gain))
@@ -153,7 +154,7 @@ class Decoder(nn.Module):
         output = nn.Sequential()
         output.add_module("relu", nn.ReLU())
         output.add_module("conv", Conv2d(n_prev, 2 * cfg.channels, 1))
-        self.blocks.add_module("output", output)                              # (B, 2C, H, W)
+        self.blocks.add_module("output", output)  # (B, 2C, H, W)
 
     def forward(self, z: Tensor) -> Tensor:
         # z: (B, K, G, G) -> (B, 2C, H, W)
@@ -176,11 +177,20 @@ class DVAE(nn.Module):
         if pixels.ndim != 4 or pixels.shape[1] != c:
             raise ValueError(f"DVAE: expected pixels of shape (B, {c}, H, W), got {tuple(pixels.shape)}")
         if pixels.shape[2] % d or pixels.shape[3] % d:
-            raise ValueError(f"DVAE: image sides {tuple(pixels.shape[2:])} must be multiples of the "
-                             f"downsampling factor {d} (2 ** (n_groups - 1))")
+            raise ValueError(
+                f"DVAE: image sides {tuple(pixels.shape[2:])} must be multiples of the "
+                f"downsampling factor {d} (2 ** (n_groups - 1))"
+            )
 
-    def forward(self, pixels: Tensor, *, temperature: float, kl_weight: float, mse_weight: float = 0.0,
-                generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict]:
+    def forward(
+        self,
+        pixels: Tensor,
+        *,
+        temperature: float,
+        kl_weight: float,
+        mse_weight: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, dict]:
         """Relaxed loss for pixels (B, C, H, W) in [0, 1].
 
         loss = mean_b (nll_sum + kl_weight * kl_sum) / (H W C): the logit-Laplace NLL summed over every
@@ -193,24 +203,24 @@ class DVAE(nn.Module):
         """
         self._check_pixels(pixels)
         b, c, h, w = pixels.shape
-        x = map_pixels(pixels.float())                                      # (B, C, H, W) in [0.1, 0.9]
-        logits = self.encoder(x)                                            # (B, K, G, G) fp32
+        x = map_pixels(pixels.float())  # (B, C, H, W) in [0.1, 0.9]
+        logits = self.encoder(x)  # (B, K, G, G) fp32
         z = gumbel_softmax(logits, temperature, dim=1, generator=generator)  # (B, K, G, G) relaxed one-hot
-        out = self.decoder(z)                                               # (B, 2C, H, W)
-        mu, log_b = out[:, :c].float(), out[:, c:].float()                  # (B, C, H, W) each
-        log_b = log_b.clamp(max=self.cfg.max_log_b)                         # see DVAEConfig.max_log_b
+        out = self.decoder(z)  # (B, 2C, H, W)
+        mu, log_b = out[:, :c].float(), out[:, c:].float()  # (B, C, H, W) each
+        log_b = log_b.clamp(max=self.cfg.max_log_b)  # see DVAEConfig.max_log_b
 
         nll_sum = -logit_laplace_log_prob(x, mu, log_b).sum(dim=(1, 2, 3))  # (B,)
-        kl_sum = kl_to_uniform(logits, dim=1).sum(dim=(1, 2))               # (B,)
+        kl_sum = kl_to_uniform(logits, dim=1).sum(dim=(1, 2))  # (B,)
         n_sub = h * w * c
-        loss = ((nll_sum + kl_weight * kl_sum) / n_sub).mean()              # ()
-        mean = torch.sigmoid(mu)                                            # (B, C, H, W) in (0, 1)
+        loss = ((nll_sum + kl_weight * kl_sum) / n_sub).mean()  # ()
+        mean = torch.sigmoid(mu)  # (B, C, H, W) in (0, 1)
         if mse_weight > 0:
             loss = loss + mse_weight * F.mse_loss(mean, x)
 
         with torch.no_grad():
-            recon = unmap_pixels(mean)                                      # (B, C, H, W) in [0, 1]
-            codes = logits.argmax(dim=1)                                    # (B, G, G)
+            recon = unmap_pixels(mean)  # (B, C, H, W) in [0, 1]
+            codes = logits.argmax(dim=1)  # (B, G, G)
             used = torch.bincount(codes.flatten(), minlength=self.cfg.vocab_size).gt(0).sum()
             stats = {
                 "loss": loss.detach(),
@@ -225,18 +235,18 @@ class DVAE(nn.Module):
     def encode(self, pixels: Tensor) -> Tensor:
         """Pixels (B, C, H, W) in [0, 1] -> tokens (B, G, G) int64: argmax of the logits, no noise."""
         self._check_pixels(pixels)
-        logits = self.encoder(map_pixels(pixels.float()))                   # (B, K, G, G)
-        return logits.argmax(dim=1)                                         # (B, G, G)
+        logits = self.encoder(map_pixels(pixels.float()))  # (B, K, G, G)
+        return logits.argmax(dim=1)  # (B, G, G)
 
     def decode(self, tokens: Tensor) -> Tensor:
         """Tokens (B, G, G) int -> images (B, C, H, W) in [0, 1]: unmap_pixels(sigmoid(mu)), ln b ignored."""
         if tokens.ndim != 3:
             raise ValueError(f"DVAE.decode: expected tokens of shape (B, G, G), got {tuple(tokens.shape)}")
-        z = F.one_hot(tokens.long(), self.cfg.vocab_size)                   # (B, G, G, K)
-        z = z.permute(0, 3, 1, 2).float()                                   # (B, K, G, G)
-        out = self.decoder(z)                                               # (B, 2C, H, W)
-        mu = out[:, :self.cfg.channels].float()                             # (B, C, H, W)
-        return unmap_pixels(torch.sigmoid(mu))                              # (B, C, H, W) in [0, 1]
+        z = F.one_hot(tokens.long(), self.cfg.vocab_size)  # (B, G, G, K)
+        z = z.permute(0, 3, 1, 2).float()  # (B, K, G, G)
+        out = self.decoder(z)  # (B, 2C, H, W)
+        mu = out[:, : self.cfg.channels].float()  # (B, C, H, W)
+        return unmap_pixels(torch.sigmoid(mu))  # (B, C, H, W) in [0, 1]
 
     def reconstruct(self, pixels: Tensor) -> Tensor:
         """decode(encode(pixels)): the reconstruction through the hard (argmax) codes."""

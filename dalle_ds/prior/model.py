@@ -22,6 +22,7 @@ slice and image positions only the image slice.
 Sampling uses a KV cache: `init_cache`, then `prefill(text, cache, image_prefix)` for positions
 0..T+m, then `decode_step(image_token, cache)` once per image token.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,13 +33,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dalle_ds import attention
+from dalle_ds.attention import masks
+from dalle_ds.attention.masks import MaskSpec
 from dalle_ds.config import PriorConfig
-from dalle_ds.prior import masks
-from dalle_ds.prior.masks import MaskSpec
-
 
 # ----------------------------------------------------------------------------------------------
 # KV cache
+
 
 @dataclass
 class KVCache:
@@ -49,19 +50,21 @@ class KVCache:
     the real entries), so a one-row decode step gathers only the allowed keys: T + G + 1 of them in a
     row layer instead of the whole prefix.
     """
-    k: list[torch.Tensor]                      # per layer (B, H, L, D)
-    v: list[torch.Tensor]                      # per layer (B, H, L, D)
-    mask: dict[str, torch.Tensor]              # kind -> (L, L) bool
-    key_index: dict[str, torch.Tensor]         # kind -> (L, W) long, allowed keys of each row, ascending
-    key_valid: dict[str, torch.Tensor]         # kind -> (L, W) bool, False on padding
-    length: int = 0                            # positions 0..length-1 are filled
+
+    k: list[torch.Tensor]  # per layer (B, H, L, D)
+    v: list[torch.Tensor]  # per layer (B, H, L, D)
+    mask: dict[str, torch.Tensor]  # kind -> (L, L) bool
+    key_index: dict[str, torch.Tensor]  # kind -> (L, W) long, allowed keys of each row, ascending
+    key_valid: dict[str, torch.Tensor]  # kind -> (L, W) bool, False on padding
+    length: int = 0  # positions 0..length-1 are filled
     max_len: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.max_len = self.k[0].shape[2]
 
-    def update_and_attend(self, layer: int, kind: str, q: torch.Tensor, k: torch.Tensor,
-                          v: torch.Tensor) -> torch.Tensor:
+    def update_and_attend(
+        self, layer: int, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
         """Store k, v (B, H, n, D) of positions length..length+n-1 and attend q (B, H, n, D) to the cache."""
         start, n = self.length, q.shape[2]
         end = start + n
@@ -82,12 +85,13 @@ def _key_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     width = int(counts.max())
     # a stable sort of "not allowed" puts the allowed keys first, in ascending index order
     order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :width]  # (L, W)
-    valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]           # (L, W)
+    valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]  # (L, W)
     return torch.where(valid, order, torch.zeros_like(order)), valid  # padding reads key 0, masked out
 
 
 # ----------------------------------------------------------------------------------------------
 # Blocks
+
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention under one mask kind; the mask comes from `masks.py` via `attention`."""
@@ -156,6 +160,7 @@ class Layer(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # The prior
 
+
 class Prior(nn.Module):
     def __init__(self, cfg: PriorConfig):
         super().__init__()
@@ -163,19 +168,20 @@ class Prior(nn.Module):
         self.cfg = cfg
         T, G, D = cfg.text_len, cfg.image_grid, cfg.d_model
         self.text_len, self.grid, self.image_len = T, G, G * G
-        self.text_vocab = cfg.text_vocab_size + T   # BPE ids, then one pad id per slot
+        self.text_vocab = cfg.text_vocab_size + T  # BPE ids, then one pad id per slot
         self.image_vocab = cfg.image_vocab_size
 
-        self.bos = nn.Parameter(torch.zeros(D))               # input at position 0
-        self.tok_emb = nn.Embedding(self.text_vocab, D)       # text ids incl. per-slot pads
-        self.text_pos_emb = nn.Embedding(T, D)                # slot p of the text token
+        self.bos = nn.Parameter(torch.zeros(D))  # input at position 0
+        self.tok_emb = nn.Embedding(self.text_vocab, D)  # text ids incl. per-slot pads
+        self.text_pos_emb = nn.Embedding(T, D)  # slot p of the text token
         self.img_tok_emb = nn.Embedding(self.image_vocab, D)
-        self.row_emb = nn.Embedding(G, D)                     # PAPER §3.3: broadcast row + column
+        self.row_emb = nn.Embedding(G, D)  # PAPER §3.3: broadcast row + column
         self.col_emb = nn.Embedding(G, D)
 
         self.kinds = masks.layer_kinds(cfg.n_layers)
         self.blocks = nn.ModuleList(
-            Layer(cfg, MaskSpec(kind, T, G, cfg.conv_kernel), i) for i, kind in enumerate(self.kinds))
+            Layer(cfg, MaskSpec(kind, T, G, cfg.conv_kernel), i) for i, kind in enumerate(self.kinds)
+        )
         self.ln_f = nn.LayerNorm(D)
         # One head over the joint vocabulary [text ids | pad ids | image ids], applied in fp32. Tied, its
         # weights are the input embeddings (only a bias of its own): the 12b preset does this, since the
@@ -280,7 +286,7 @@ class Prior(nn.Module):
         self._check(text, image, full=True)
         T = self.text_len
         x = self._embed_prefix(text, image[:, :-1])  # (B, T + N, D): the last image token is only a target
-        h = self._trunk(x)                            # (B, T + N, D)
+        h = self._trunk(x)  # (B, T + N, D)
         return self._text_logits(h[:, :T]), self._image_logits(h[:, T:])
 
     def forward(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -294,8 +300,9 @@ class Prior(nn.Module):
 
     # -- KV-cached decoding ---------------------------------------------------------------------
 
-    def init_cache(self, batch_size: int, device: torch.device | str | None = None,
-                   dtype: torch.dtype | None = None) -> KVCache:
+    def init_cache(
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
         """An empty cache for `batch_size` sequences (defaults: the parameters' device and dtype)."""
         p = self.blocks[0].attn_branch.attn.qkv.weight  # what keys and values are computed in
         device = p.device if device is None else torch.device(device)
@@ -312,8 +319,7 @@ class Prior(nn.Module):
                 key_index[spec.kind], key_valid[spec.kind] = _key_lists(mask[spec.kind])
         return KVCache(k=k, v=v, mask=mask, key_index=key_index, key_valid=key_valid)
 
-    def prefill(self, text: torch.Tensor, cache: KVCache,
-                image_prefix: torch.Tensor | None = None) -> torch.Tensor:
+    def prefill(self, text: torch.Tensor, cache: KVCache, image_prefix: torch.Tensor | None = None) -> torch.Tensor:
         """Run positions 0..T+m (BOS, the T text tokens, the first m image tokens) into an empty cache.
 
         text (B, T) tokenizer ids; image_prefix (B, m) raster ids, m < N (image-to-image priming).

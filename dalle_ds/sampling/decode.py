@@ -6,6 +6,7 @@ exactly one uniform number per sequence per token from `generator`, in the same 
 same generator they produce the same tokens (up to float round-off flipping a draw that lands on a
 boundary between two tokens, which has probability ~1e-7 per draw in fp32).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -32,21 +33,22 @@ def filter_logits(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -
         sorted_logits, order = torch.sort(out, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits.float(), dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
-        drop_sorted = mass_before >= top_p           # the nucleus is already complete without it
-        drop_sorted[..., 0] = False                  # keep at least one token
+        drop_sorted = mass_before >= top_p  # the nucleus is already complete without it
+        drop_sorted[..., 0] = False  # keep at least one token
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         out = out.masked_fill(drop, float("-inf"))
     return out
 
 
-def _draw(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-          generator: torch.Generator | None) -> torch.Tensor:
+def _draw(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
     """One token per row of logits (B, V) by inverse-CDF sampling: exactly B uniforms from `generator`."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     logits = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p)
     probs = torch.softmax(logits, dim=-1)  # (B, V)
-    cdf = probs.cumsum(dim=-1)             # (B, V)
+    cdf = probs.cumsum(dim=-1)  # (B, V)
     gen_device = generator.device if generator is not None else logits.device
     u = torch.rand(logits.shape[0], 1, generator=generator, device=gen_device).to(logits.device)
     u = u * cdf[:, -1:]  # (B, 1) in [0, total mass)
@@ -56,9 +58,17 @@ def _draw(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
 
 
 @torch.no_grad()
-def sample_image_tokens(prior: "Prior", text: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
-                        top_p: float = 1.0, generator: torch.Generator | None = None, use_cache: bool = True,
-                        prime: torch.Tensor | None = None) -> torch.Tensor:
+def sample_image_tokens(
+    prior: Prior,
+    text: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    prime: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Sample the N image tokens (raster order) for each caption.
 
     text: (B, T) tokenizer ids (pad 0); prime: optional (B, m) first image tokens (image-to-image:

@@ -1,4 +1,5 @@
 """A PNG grid of generated images with their captions underneath, for a human to look at."""
+
 from __future__ import annotations
 
 import textwrap
@@ -8,8 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 
-def save_grid(images: np.ndarray, captions: list[str], path: str | Path, *, cols: int = 8,
-              cell: int = 128) -> Path:
+def save_grid(images: np.ndarray, captions: list[str], path: str | Path, *, cols: int = 8, cell: int = 128) -> Path:
     """images: uint8 (N, H, W, 3). Each image is upscaled to `cell` px (nearest) above its caption."""
     n = len(images)
     cols = max(1, min(cols, n))

@@ -5,6 +5,7 @@ The image is read with the robust decoder (any mode is converted to RGB), centre
 resized to the dVAE's resolution (the release notebook's inference preprocessing, with area resampling),
 then encoded by argmax like the training data.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,7 +23,7 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
     h, w = pixels.shape[:2]
     s = min(h, w)
     y, x = (h - s) // 2, (w - s) // 2
-    sq = torch.from_numpy(np.array(pixels[y:y + s, x:x + s])).permute(2, 0, 1)[None].float()
+    sq = torch.from_numpy(np.array(pixels[y : y + s, x : x + s])).permute(2, 0, 1)[None].float()
     mode = {"mode": "area"} if s >= size else {"mode": "bilinear", "align_corners": False, "antialias": True}
     out = F.interpolate(sq, size=(size, size), **mode)
     return out[0].round().clamp(0, 255).to(torch.uint8)

@@ -6,6 +6,7 @@ non-reentrant checkpoint, which works with ZeRO-3 parameter gathering (parameter
 ZeRO's module hooks during recomputation) and with the per-resblock gradient-scaling hooks. Sampling
 (KV cache) and no-grad passes bypass it.
 """
+
 from __future__ import annotations
 
 import torch

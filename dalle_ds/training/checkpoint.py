@@ -1,4 +1,5 @@
 """DeepSpeed checkpoints that resume exactly, and consolidated model files that load without DeepSpeed."""
+
 from __future__ import annotations
 
 import os
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dalle_ds.training.distributed import barrier, is_main
+from dalle_ds.training.distributed import barrier, is_main, rank
 
 LATEST = "latest"
 
@@ -35,7 +36,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _rank_file(ckpt_dir: Path, tag: str) -> Path:
-    from dalle_ds.training.distributed import rank  # noqa: PLC0415
 
     return ckpt_dir / tag / f"rank_state_{rank():05d}.pt"
 
@@ -47,8 +47,7 @@ def _engine_dir(engine, ckpt_dir: Path) -> Path:
     return ckpt_dir if groups is None or groups.node == 0 else ckpt_dir / f"node{groups.node}"
 
 
-def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict,
-                    rank_state: dict | None = None) -> str:
+def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict, rank_state: dict | None = None) -> str:
     """Save every rank's shard, then (only after all ranks finished) point `latest` at it.
 
     DeepSpeed keeps `client_state` from data-parallel rank 0 only, so state that differs per rank (RNG,
@@ -106,19 +105,3 @@ def gathered_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | No
         if not is_main():
             return None
         return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def save_model_file(path: str | Path, payload: dict) -> None:
-    """Write a consolidated model file atomically (rank 0 only)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_model_file(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model file {path} does not exist (train first, or point to a *.pt export)")
-    return torch.load(path, map_location="cpu", weights_only=False)

@@ -24,12 +24,15 @@ in `uncompressed` (embeddings, head) go uncompressed in fp32.
 1-bit: M = G + E; send sign(M) packed 8 per byte and the scale mean|M| (fp32); decompressed =
 mean over ranks of scale·sign(M); E = M - scale·sign(M).
 """
+
 from __future__ import annotations
 
 import zlib
 
 import torch
 import torch.distributed as dist
+
+from dalle_ds.registry import Registry
 
 
 def orthogonalise(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -79,7 +82,7 @@ def _split(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
     out, at = [], 0
     for s in shapes:
         n = s.numel()
-        out.append(flat[at:at + n].view(s))
+        out.append(flat[at : at + n].view(s))
         at += n
     return out
 
@@ -123,8 +126,11 @@ class Compressor:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
-        return {"error": {k: v.clone() for k, v in self.error.items()},
-                "bytes_sent": self.bytes_sent, "bytes_uncompressed": self.bytes_uncompressed}
+        return {
+            "error": {k: v.clone() for k, v in self.error.items()},
+            "bytes_sent": self.bytes_sent,
+            "bytes_uncompressed": self.bytes_uncompressed,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.error = {k: v.clone() for k, v in state["error"].items()}
@@ -140,8 +146,15 @@ class Uncompressed(Compressor):
 
 
 class PowerSGD(Compressor):
-    def __init__(self, rank: int, *, fixed_q: bool = True, seed: int = 0, wire_dtype: torch.dtype = torch.float16,
-                 uncompressed: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        rank: int,
+        *,
+        fixed_q: bool = True,
+        seed: int = 0,
+        wire_dtype: torch.dtype = torch.float16,
+        uncompressed: tuple[str, ...] = (),
+    ):
         super().__init__(uncompressed=uncompressed)
         if rank < 1:
             raise ValueError(f"PowerSGD rank must be >= 1, got {rank}")
@@ -162,17 +175,17 @@ class PowerSGD(Compressor):
             if name not in self.q:
                 self.q[name] = self._initial_q(name, c, r, grad.device)
             qs.append(self.q[name])
-        ps = [m @ q for m, q in zip(ms, qs)]                                  # (a, r) each
-        ps = _split(_gather_mean(torch.cat([p.reshape(-1) for p in ps]), group, self.wire_dtype),
-                    [p.shape for p in ps])
+        ps = [m @ q for m, q in zip(ms, qs)]  # (a, r) each
+        ps = _split(_gather_mean(torch.cat([p.reshape(-1) for p in ps]), group, self.wire_dtype), [p.shape for p in ps])
         ps = [orthogonalise(p) for p in ps]
-        q_new = [m.t() @ p for m, p in zip(ms, ps)]                           # (c, r) each
-        q_new = _split(_gather_mean(torch.cat([q.reshape(-1) for q in q_new]), group, self.wire_dtype),
-                       [q.shape for q in q_new])
+        q_new = [m.t() @ p for m, p in zip(ms, ps)]  # (c, r) each
+        q_new = _split(
+            _gather_mean(torch.cat([q.reshape(-1) for q in q_new]), group, self.wire_dtype), [q.shape for q in q_new]
+        )
         outs = []
         for (name, grad), m, p, q in zip(items, ms, ps, q_new):
             self.bytes_sent += (p.numel() + q.numel()) * self.wire_bytes
-            out = p @ q.t()                                                    # (a, c)
+            out = p @ q.t()  # (a, c)
             self.error[name] = m - out
             if not self.fixed_q:
                 self.q[name] = q
@@ -208,7 +221,7 @@ class OneBit(Compressor):
     def _compress(self, items, group):
         ms = [self._with_error(name, grad) for name, grad in items]
         flat = torch.cat([m.reshape(-1) for m in ms])
-        scales = torch.stack([m.abs().mean() for m in ms])                    # (T,) fp32
+        scales = torch.stack([m.abs().mean() for m in ms])  # (T,) fp32
         lengths = torch.tensor([m.numel() for m in ms], device=flat.device)
         packed = pack_signs(flat)
         self.bytes_sent += packed.numel() + scales.numel() * 4
@@ -218,8 +231,27 @@ class OneBit(Compressor):
         mean = total / _group_size(group)
         own = unpack_signs(packed, flat.numel()) * torch.repeat_interleave(scales, lengths)
         outs = []
-        for (name, grad), m, local, avg in zip(items, ms, _split(own, [m.shape for m in ms]),
-                                               _split(mean, [m.shape for m in ms])):
+        for (name, grad), m, local, avg in zip(
+            items, ms, _split(own, [m.shape for m in ms]), _split(mean, [m.shape for m in ms])
+        ):
             self.error[name] = m - local
             outs.append(avg.to(grad.dtype))
         return outs
+
+
+def _powersgd(*, rank: int, fixed_q: bool, seed: int) -> Compressor:
+    return PowerSGD(rank, fixed_q=fixed_q, seed=seed)
+
+
+# prior_train.compression -> factory(rank=, fixed_q=, seed=); "none" = plain ZeRO-3 over every rank, no exchange
+COMPRESSORS: Registry = Registry("prior_train.compression", "compressor", off="none")
+COMPRESSORS.register("fp32", lambda **_: Uncompressed())
+COMPRESSORS.register("powersgd", _powersgd)
+COMPRESSORS.register("onebit", lambda **_: OneBit())
+
+
+def make_compressor(kind: str, *, rank: int, fixed_q: bool, seed: int) -> Compressor:
+    factory = COMPRESSORS.get(kind)
+    if factory is None:
+        raise ValueError(f"prior_train.compression={kind!r} exchanges nothing between nodes: no compressor")
+    return factory(rank=rank, fixed_q=fixed_q, seed=seed)

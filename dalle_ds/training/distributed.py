@@ -1,4 +1,5 @@
 """Process-group set-up for the DeepSpeed entry points (single process, `deepspeed` launcher, CPU or GPU)."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Exponential moving average of weights (iterate averaging), shard-aware under ZeRO-3."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager

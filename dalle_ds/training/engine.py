@@ -1,9 +1,10 @@
 """Building a DeepSpeed engine from a file in ds_configs/ (engine settings only)."""
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -19,22 +20,33 @@ def load_ds_config(path_or_dict: str | Path | dict) -> dict:
         cfg = json.loads(json.dumps(path_or_dict))  # deep copy: DeepSpeed mutates its config
         where = "ds_config"
     else:
-        where = str(path_or_dict)
+        where = f"--ds-config {path_or_dict}"
         try:
             cfg = json.loads(Path(path_or_dict).read_text())
         except FileNotFoundError:
-            raise ConfigError(f"--ds-config: file {where} does not exist; pick one from ds_configs/") from None
+            raise ConfigError(f"{where} does not exist; pick one from ds_configs/") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{where}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
         except json.JSONDecodeError as e:
-            raise ConfigError(f"--ds-config: {where} is not valid JSON ({e})") from None
+            raise ConfigError(f"{where} is not valid JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{where}: expected a JSON object of engine settings")
     for key in REQUIRED_KEYS:
         if key not in cfg:
             raise ConfigError(f"{where}: missing {key!r}; the DeepSpeed config sets the batch size")
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        value = cfg.get(key, 1)  # a zero batch trains on nothing; DeepSpeed fails later with a traceback
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}: {key} must be an integer >= 1, got {value!r}")
     if "train_batch_size" in cfg:
-        raise ConfigError(f"{where}: set train_micro_batch_size_per_gpu and gradient_accumulation_steps, "
-                          "not train_batch_size (it is derived from them and the world size)")
+        raise ConfigError(
+            f"{where}: set train_micro_batch_size_per_gpu and gradient_accumulation_steps, "
+            "not train_batch_size (it is derived from them and the world size)"
+        )
     if cfg.get("fp16", {}).get("enabled") and not torch.cuda.is_available():
-        raise ConfigError(f"{where}: fp16.enabled needs a GPU (DeepSpeed refuses fp16 on CPU); "
-                          "use a bf16 or fp32 config on CPU")
+        raise ConfigError(
+            f"{where}: fp16.enabled needs a GPU (DeepSpeed refuses fp16 on CPU); use a bf16 or fp32 config on CPU"
+        )
     return cfg
 
 
@@ -58,8 +70,17 @@ def compute_dtype(ds_cfg: dict) -> torch.dtype:
     return torch.float32
 
 
-def build_engine(model: torch.nn.Module, ds_cfg: dict, *, lr: float, betas: tuple[float, float], eps: float,
-                 weight_decay: float, lr_lambda: Callable[[int], float], mpu=None):
+def build_engine(
+    model: torch.nn.Module,
+    ds_cfg: dict,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    lr_lambda: Callable[[int], float],
+    mpu=None,
+):
     """AdamW (decay on matrices only) + a LambdaLR schedule, wrapped in a DeepSpeed engine. `mpu`
     (training/node_groups.NodeMPU) restricts ZeRO's data-parallel group to a node."""
     import deepspeed  # noqa: PLC0415
@@ -72,6 +93,10 @@ def build_engine(model: torch.nn.Module, ds_cfg: dict, *, lr: float, betas: tupl
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
     # A callable, so the schedule binds to the optimizer DeepSpeed actually steps (ZeRO wraps ours).
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_cfg, mpu=mpu,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
+        model=model,
+        optimizer=optimizer,
+        config=ds_cfg,
+        mpu=mpu,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
+    )
     return engine

@@ -1,4 +1,4 @@
-"""Per-resblock gradient scaling with an inf/NaN filter (PAPER §4.2), attached to a DeepSpeed engine.
+"""Per-resblock gradient scaling with an inf/NaN filter (PAPER §4.2), a stage of a DeepSpeed engine's step pipeline.
 
 Every resblock branch b (the prior's `attn_branch` and `mlp_branch` of each layer) has its own scale s_b.
 Forward is unchanged. In backward:
@@ -6,7 +6,7 @@ Forward is unchanged. In backward:
     stream grad g ─► (× s_b) ─► branch backward (16-bit) ─► filter(inf/NaN → 0) ─► (÷ s_b) ─► + g
                                    │
                                    └─► param grads (× s_b) ─► ZeRO reduce(-scatter), still × s_b
-                                        ─► engine.step wrapper, on the local shard: flag b if non-finite, ÷ s_b
+                                        ─► step pipeline stage, on the local shard: flag b if non-finite, ÷ s_b
 
 The multiply sits on the branch *output* (the first thing backward meets), the filter and unscale on the
 branch *input* (the last thing backward leaves), both as forward hooks on the unchanged modules, so
@@ -14,16 +14,16 @@ parameter names, the KV-cache path (`attn_branch(x, kv=cache)`) and checkpoints 
 
 Where parameter gradients are unscaled (PAPER §4.2, §5.4 step 1): they stay multiplied by s_b through
 backward, gradient accumulation and ZeRO's reduce, so the 16-bit values that are communicated and stored
-sit at the block's scale, not at the loss scale. At each accumulation boundary the `engine.step` wrapper
-(`attach`) reads every parameter's local gradient, flags block b if any element is non-finite, all-reduces
-the flags (max) so every rank agrees, and divides by s_b in place:
+sit at the block's scale, not at the loss scale. At each accumulation boundary the scaler's stage
+(`before_step`, training/step_pipeline.py) reads every parameter's local gradient, flags block b if any
+element is non-finite, all-reduces the flags (max) so every rank agrees, and divides by s_b in place:
   * ZeRO-3: the local shard, `deepspeed.utils.safe_get_local_grad`/`safe_set_local_grad` (the shard is in
     the gradient-accumulation dtype: fp32 with `data_types.grad_accum_dtype=fp32` or optimizer offload,
     otherwise the model dtype, where the division itself can underflow; see docs/TRAINING_AT_SCALE.md);
   * ZeRO-1/2: the local fragment of the reduced flat gradient that `safe_get_full_grad` reads
     (`param._hp_mapping.get_lp_grad_fragment`), in place;
   * no ZeRO: `param.grad` (DeepSpeed has all-reduced it in `engine.backward`), in place.
-This runs before the wrapped step (node_exchange.py's exchange, DeepSpeed's clipping and optimizer), so
+This runs before the rest of the step (node_exchange.py's exchange, DeepSpeed's clipping and optimizer), so
 they all see unscaled gradients. A standalone scaler (no engine) keeps the older per-parameter tensor hook
 (`unscale_params="hook"`: ÷ s_b, inf/NaN → 0 and flag, in the gradient's dtype) or `"defer"`.
 
@@ -36,33 +36,34 @@ every scale is clamped to [M·2^min_log2, M·2^max_log2] (M = data-parallel worl
 With power-of-two scales, fp32/bf16 arithmetic is exactly scale-equivariant (barring over/underflow),
 so `pow2` mode trains bit-identically to no scaling; that is what the tests check.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-MODES = ("off", "pow2", "paper")
-POLICIES = ("skip", "zero_block")
+from dalle_ds.registry import Registry
+from dalle_ds.training.step_pipeline import StepContext
 
 
 @dataclass
 class ScalingPolicy:
-    mode: str = "pow2"              # pow2 (exact, tests/bf16/fp32) | paper (fp16 on V100)
-    on_nonfinite: str = "skip"      # skip the update (paper) | zero_block: zero that block's gradients
-    init_log2: float = 13.0         # start at M·2^13
-    min_log2: float = 7.0           # clamp to [M·2^7, M·2^24]
+    mode: str = "pow2"  # pow2 (exact, tests/bf16/fp32) | paper (fp16 on V100)
+    on_nonfinite: str = "skip"  # skip the update (paper) | zero_block: zero that block's gradients
+    init_log2: float = 13.0  # start at M·2^13
+    min_log2: float = 7.0  # clamp to [M·2^7, M·2^24]
     max_log2: float = 24.0
-    window: int = 125               # paper: at most one back-off per scale per window
-    growth_interval: int = 1000     # pow2: double after this many clean steps (2^(1/1000) per step, in one go)
-    world: int = 1                  # M, the number of data-parallel ranks
+    window: int = 125  # paper: at most one back-off per scale per window
+    growth_interval: int = 1000  # pow2: double after this many clean steps (2^(1/1000) per step, in one go)
+    world: int = 1  # M, the number of data-parallel ranks
 
     def __post_init__(self) -> None:
-        if self.mode not in ("pow2", "paper"):
-            raise ValueError(f"grad scaling mode: {self.mode!r}; choose pow2 or paper")
-        if self.on_nonfinite not in POLICIES:
-            raise ValueError(f"grad scaling policy: {self.on_nonfinite!r}; choose one of {', '.join(POLICIES)}")
+        if SCALING_MODES.get(self.mode) is None:
+            raise ValueError(f"grad scaling mode: {self.mode!r}; choose one of {', '.join(SCALING_MODES.names()[1:])}")
+        NONFINITE_POLICIES.check(self.on_nonfinite)
         if not self.min_log2 <= self.init_log2 <= self.max_log2:
             raise ValueError("grad scaling: need min_log2 <= init_log2 <= max_log2")
 
@@ -112,9 +113,10 @@ def prior_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 class ResblockGradScaler:
     """Owns the scales, the forward hooks on the branches and the tensor hooks on their parameters."""
 
-    def __init__(self, blocks: list[tuple[str, torch.nn.Module]], policy: ScalingPolicy, *,
-                 unscale_params: str = "hook"):
-        """unscale_params: "step" (what `attach` sets) leaves parameter gradients scaled and untouched in
+    def __init__(
+        self, blocks: list[tuple[str, torch.nn.Module]], policy: ScalingPolicy, *, unscale_params: str = "hook"
+    ):
+        """unscale_params: "step" (what `scaler_for` sets) leaves parameter gradients scaled and untouched in
         backward; `unscale_local` flags and unscales them on the local gradient shards before the step.
         For a plain-PyTorch loop: "hook" divides each parameter gradient by its block's scale in a tensor
         hook (in the gradient's dtype, before any reduce), zeroing and flagging inf/NaN; "defer" only
@@ -126,14 +128,14 @@ class ResblockGradScaler:
         self.policy = policy
         n = len(blocks)
         m = policy.world
-        self.scales = [m * 2.0 ** policy.init_log2] * n  # python floats: read in backward, no sync
-        self.clean_steps = [0] * n          # pow2: consecutive clean steps
-        self.last_backoff = [-10**9] * n    # paper: step of the last division
+        self.scales = [m * 2.0**policy.init_log2] * n  # python floats: read in backward, no sync
+        self.clean_steps = [0] * n  # pow2: consecutive clean steps
+        self.last_backoff = [-(10**9)] * n  # paper: step of the last division
         self.step_count = 0
         self.skipped = 0
-        self.skipping = False               # true during a skipped step's engine.step (node_exchange skips too)
+        self.grad_access = None  # (get, put) of the local reduced gradients, set by scaler_for
         self.backoffs = [0] * n
-        self.last_bad: list[int] = []       # blocks flagged on the most recent step
+        self.last_bad: list[int] = []  # blocks flagged on the most recent step
         self.inject: dict[int, tuple[str, float]] = {}  # test hook: block -> (where, value)
         self.params = [[p for p in mod.parameters() if p.requires_grad] for _, mod in blocks]
         dev = self.params[0][0].device if self.params and self.params[0] else torch.device("cpu")
@@ -153,6 +155,7 @@ class ResblockGradScaler:
             if not torch.is_grad_enabled() or not args:
                 return None
             return (_UnscaleFilter.apply(args[0], self, b), *args[1:]), kwargs
+
         return hook
 
     def _post_hook(self, b):
@@ -160,6 +163,7 @@ class ResblockGradScaler:
             if not torch.is_grad_enabled():
                 return None
             return _ScaleGrad.apply(out, self, b)
+
         return hook
 
     def _param_hook(self, b):
@@ -174,13 +178,16 @@ class ResblockGradScaler:
             self._param_bad[b] += (~finite).sum()
             g = torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device))
             return g / self.scales[b] if self.unscale_params == "hook" else g
+
         return hook
 
     def fp32_grads(self) -> list[list[torch.Tensor]]:
         """Per block, the parameter gradients in fp32, unscaled (with unscale_params="defer")."""
         div = self.unscale_params == "defer"
-        return [[(p.grad.float() / self.scales[b] if div else p.grad.float()) for p in ps if p.grad is not None]
-                for b, ps in enumerate(self.params)]
+        return [
+            [(p.grad.float() / self.scales[b] if div else p.grad.float()) for p in ps if p.grad is not None]
+            for b, ps in enumerate(self.params)
+        ]
 
     @torch.no_grad()
     def unscale_local(self, get, put) -> list[int]:
@@ -213,41 +220,58 @@ class ResblockGradScaler:
     def update(self, bad: list[int]) -> None:
         """Back off flagged blocks, grow the others, clamp; reset the flags."""
         p, m = self.policy, self.policy.world
-        lo, hi = m * 2.0 ** p.min_log2, m * 2.0 ** p.max_log2
+        lo, hi = m * 2.0**p.min_log2, m * 2.0**p.max_log2
         bad_set = set(bad)
+        rule = SCALING_MODES.get(p.mode)
         for i in range(len(self.scales)):
             s = self.scales[i]
             if i in bad_set:
                 self.backoffs[i] += 1
                 self.clean_steps[i] = 0
-                if p.mode == "pow2":
-                    s /= 2.0
-                elif self.step_count - self.last_backoff[i] >= p.window:
-                    s /= math.sqrt(2.0)
-                    self.last_backoff[i] = self.step_count
+                s = rule.back_off(self, i, s)
             else:
                 self.clean_steps[i] += 1
-                if p.mode == "paper":
-                    s *= 2.0 ** (1.0 / 1000.0)
-                elif self.clean_steps[i] >= p.growth_interval:
-                    s *= 2.0
-                    self.clean_steps[i] = 0
+                s = rule.grow(self, i, s)
             self.scales[i] = min(max(s, lo), hi)
         self.last_bad = sorted(bad_set)
         self.step_count += 1
         self._param_bad.zero_()
         self._activation_bad.zero_()
 
+    # -- as the first stage of the engine's StepPipeline (order 0: the exchange after it sees unscaled gradients)
+
+    order = 0
+
+    def before_step(self, engine, ctx: StepContext) -> None:
+        """Flag and unscale the local parameter gradients, then apply the non-finite policy."""
+        ctx.bad_blocks = self.unscale_local(*self.grad_access)
+        NONFINITE_POLICIES.get(self.policy.on_nonfinite)(self, ctx.bad_blocks, ctx)
+
+    def after_step(self, engine, ctx: StepContext) -> None:
+        if ctx.skip:
+            self.skipped += 1
+        self.update(ctx.bad_blocks)
+
     def stats(self) -> dict[str, float]:
         logs = [math.log2(s) for s in self.scales]
-        return {"gscale/log2_min": min(logs), "gscale/log2_max": max(logs),
-                "gscale/log2_mean": sum(logs) / len(logs), "gscale/skipped": float(self.skipped),
-                "gscale/bad_blocks": float(len(self.last_bad))}
+        return {
+            "gscale/log2_min": min(logs),
+            "gscale/log2_max": max(logs),
+            "gscale/log2_mean": sum(logs) / len(logs),
+            "gscale/skipped": float(self.skipped),
+            "gscale/bad_blocks": float(len(self.last_bad)),
+        }
 
     def state_dict(self) -> dict:
-        return {"names": list(self.names), "scales": list(self.scales), "clean_steps": list(self.clean_steps),
-                "last_backoff": list(self.last_backoff), "step_count": self.step_count,
-                "skipped": self.skipped, "backoffs": list(self.backoffs)}
+        return {
+            "names": list(self.names),
+            "scales": list(self.scales),
+            "clean_steps": list(self.clean_steps),
+            "last_backoff": list(self.last_backoff),
+            "step_count": self.step_count,
+            "skipped": self.skipped,
+            "backoffs": list(self.backoffs),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["names"] != self.names:
@@ -262,12 +286,6 @@ class ResblockGradScaler:
 
 # ----------------------------------------------------------------------------------------------
 # DeepSpeed engine wiring
-
-def _inner_optimizer(engine):
-    opt = engine.optimizer
-    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
-        opt = opt.optimizer
-    return opt
 
 
 def _zero_stage(engine) -> int:
@@ -291,50 +309,74 @@ def _local_grad_access(engine):
 
         def put(p, value):
             get(p).copy_(value)
+
         return get, put
 
     def put0(p, value):
         p.grad.copy_(value)
+
     return (lambda p: p.grad), put0
 
 
-def attach(engine, scaler: ResblockGradScaler) -> ResblockGradScaler:
-    """Wrap `engine.step`: at each accumulation boundary, flag and unscale the local parameter gradients
-    (`unscale_local`), apply the policy (skip the inner optimizer's step, or zero the flagged blocks'
-    gradients), update the scales, then run the wrapped step (a node exchange attached earlier included)."""
-    scaler.unscale_params = "step"  # parameter gradients stay scaled through ZeRO's reduce
-    get, put = _local_grad_access(engine)
-    original_step = engine.step
+@dataclass(frozen=True)
+class ScaleRule:
+    back_off: Callable[[ResblockGradScaler, int, float], float]  # (scaler, block, scale) -> new scale
+    grow: Callable[[ResblockGradScaler, int, float], float]
 
-    def step(*args, **kwargs):
-        if not engine.is_gradient_accumulation_boundary():
-            return original_step(*args, **kwargs)
-        bad = scaler.unscale_local(get, put)
-        if bad and scaler.policy.on_nonfinite == "skip":
-            inner = _inner_optimizer(engine)
-            inner.step = lambda *a, **k: None  # instance attribute shadows the method for this one step
-            scaler.skipping = True
-            try:
-                out = original_step(*args, **kwargs)
-            finally:
-                del inner.step
-                scaler.skipping = False
-            scaler.skipped += 1
-        else:
-            for b in bad:
-                for p in scaler.params[b]:
-                    g = get(p)
-                    if g is not None:
-                        put(p, torch.zeros_like(g))
-            out = original_step(*args, **kwargs)
-        scaler.update(bad)
-        return out
 
-    engine.step = step
-    engine.grad_scaler = scaler
-    return scaler
+def _halve(scaler: ResblockGradScaler, i: int, s: float) -> float:
+    return s / 2.0
+
+
+def _double_after_interval(scaler: ResblockGradScaler, i: int, s: float) -> float:
+    if scaler.clean_steps[i] < scaler.policy.growth_interval:
+        return s
+    scaler.clean_steps[i] = 0
+    return s * 2.0
+
+
+def _sqrt2_once_per_window(scaler: ResblockGradScaler, i: int, s: float) -> float:
+    if scaler.step_count - scaler.last_backoff[i] < scaler.policy.window:
+        return s
+    scaler.last_backoff[i] = scaler.step_count
+    return s / math.sqrt(2.0)
+
+
+def _grow_each_step(scaler: ResblockGradScaler, i: int, s: float) -> float:
+    return s * 2.0 ** (1.0 / 1000.0)
+
+
+# prior_train.grad_scaling -> how a block's scale backs off and grows; "off" = no per-block scaling
+SCALING_MODES: Registry = Registry("prior_train.grad_scaling", "mode", off="off")
+SCALING_MODES.register("pow2", ScaleRule(_halve, _double_after_interval))  # exact; bf16, fp32, tests
+SCALING_MODES.register("paper", ScaleRule(_sqrt2_once_per_window, _grow_each_step))  # PAPER §4.2, fp16
+
+
+def _skip_update(scaler: ResblockGradScaler, bad: list[int], ctx: StepContext) -> None:
+    """The paper's policy: a non-finite gradient anywhere skips the whole optimizer update."""
+    if bad:
+        ctx.skip = True
+
+
+def _zero_blocks(scaler: ResblockGradScaler, bad: list[int], ctx: StepContext) -> None:
+    """Zero the flagged blocks' local gradients; every other block takes its step."""
+    get, put = scaler.grad_access
+    for b in bad:
+        for p in scaler.params[b]:
+            g = get(p)
+            if g is not None:
+                put(p, torch.zeros_like(g))
+
+
+# prior_train.grad_scaling_policy -> fn(scaler, bad blocks, step context)
+NONFINITE_POLICIES: Registry = Registry("prior_train.grad_scaling_policy", "policy")
+NONFINITE_POLICIES.register("skip", _skip_update)
+NONFINITE_POLICIES.register("zero_block", _zero_blocks)
 
 
 def scaler_for(engine, model: torch.nn.Module, policy: ScalingPolicy) -> ResblockGradScaler:
-    """Build a scaler over the prior's branches and attach it to `engine` (call after build_engine)."""
-    return attach(engine, ResblockGradScaler(prior_blocks(model), policy, unscale_params="step"))
+    """A scaler over the prior's branches whose parameter gradients are unscaled at the engine's step: add it
+    to the engine's StepPipeline (training/step_pipeline.py)."""
+    scaler = ResblockGradScaler(prior_blocks(model), policy, unscale_params="step")
+    scaler.grad_access = _local_grad_access(engine)
+    return scaler

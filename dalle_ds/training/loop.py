@@ -1,20 +1,22 @@
 """The training loop shared by the dVAE and the prior: micro-batches, logging, eval, checkpoints, resume."""
+
 from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from dalle_ds.data.order import DataOrder
 from dalle_ds.training import checkpoint as ckpt
-from dalle_ds.training.distributed import mean_across_ranks, rank, world_size
+from dalle_ds.training.distributed import device, mean_across_ranks, rank, world_size
 from dalle_ds.training.ema import EMA
 from dalle_ds.training.engine import global_batch, grad_accum, micro_batch
 from dalle_ds.training.metrics import MetricsLogger
+from dalle_ds.training.step_pipeline import StepPipeline
 
 # loss_fn(module, indices, step) -> (loss, stats, tokens): one micro-batch forward. With a streaming
 # `order` (data/stream.py) the "indices" are the items themselves.
@@ -26,7 +28,7 @@ class LoopConfig:
     steps: int
     log_every: int
     save_every: int
-    eval_every: int = 0        # 0 = only at the end
+    eval_every: int = 0  # 0 = only at the end
     seed: int = 0
     desc: str = "train"
     progress: bool = True
@@ -67,26 +69,41 @@ class _TermFlag:
         """True on every rank if any rank got SIGTERM (all ranks must save the same step)."""
         if not torch.distributed.is_initialized() or world_size() == 1:
             return self.set
-        from dalle_ds.training.distributed import device  # noqa: PLC0415
 
         t = torch.tensor([1.0 if self.set else 0.0], device=device())
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return bool(t.item() > 0)
 
 
-def fit(engine, *, loss_fn: LossFn, num_items: int = 0, ds_cfg: dict, out_dir: str | Path, loop: LoopConfig,
-        ema: EMA | None = None, eval_fn: Callable[[torch.nn.Module], dict] | None = None,
-        schedule_fn: Callable[[int], dict] | None = None, resume: bool = True, grad_scaler=None,
-        ema_every: int = 1, extra_state: dict | None = None, order=None) -> LoopResult:
+def fit(
+    engine,
+    *,
+    loss_fn: LossFn,
+    num_items: int = 0,
+    ds_cfg: dict,
+    out_dir: str | Path,
+    loop: LoopConfig,
+    ema: EMA | None = None,
+    eval_fn: Callable[[torch.nn.Module], dict] | None = None,
+    schedule_fn: Callable[[int], dict] | None = None,
+    resume: bool = True,
+    grad_scaler=None,
+    ema_every: int = 1,
+    extra_state: dict | None = None,
+    order=None,
+    stages: list | None = None,
+) -> LoopResult:
     """Run `loop.steps` optimizer steps of `engine`, resuming from `out_dir/checkpoints` if present.
 
-    `grad_scaler` (training/grad_scaling.py, already attached to the engine) and `extra_state`
+    `stages` run around each optimizer step (training/step_pipeline.py: gradient scaling, node exchange).
+    `grad_scaler` (training/grad_scaling.py, one of the stages) and `extra_state`
     (name -> object with state_dict/load_state_dict, e.g. a gradient compressor) are checkpointed in
     client_state. SIGTERM saves a checkpoint at the end of the current step and returns with
     `interrupted=True`. `order` replaces the DataOrder over `num_items` (same `micro_batch` call), e.g. a
     StreamOrder, which the caller also passes in `extra_state` so its position is checkpointed.
     """
     extra_state = dict(extra_state or {})
+    steps = StepPipeline(engine, stages or [])
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     order = order if order is not None else DataOrder(num_items, loop.seed)
@@ -98,8 +115,10 @@ def fit(engine, *, loss_fn: LossFn, num_items: int = 0, ds_cfg: dict, out_dir: s
         if state is not None:
             start = int(state["step"])
             if state["data_position"] != start * gb:
-                raise RuntimeError(f"checkpoint data position {state['data_position']} does not match step "
-                                   f"{start} x global batch {gb}: resume with the same ds_config and ranks")
+                raise RuntimeError(
+                    f"checkpoint data position {state['data_position']} does not match step "
+                    f"{start} x global batch {gb}: resume with the same ds_config and ranks"
+                )
             if ema is not None and "ema" in state["rank_state"]:
                 ema.load_state_dict(state["rank_state"]["ema"])
             if grad_scaler is not None and "grad_scaler" in state:
@@ -117,8 +136,7 @@ def fit(engine, *, loss_fn: LossFn, num_items: int = 0, ds_cfg: dict, out_dir: s
             per_rank["ema"] = ema.state_dict()
         ckpt.save_checkpoint(engine, ckpt_dir, step, client, rank_state=per_rank)
 
-    logger = MetricsLogger(out_dir, total_steps=loop.steps, start_step=start, desc=loop.desc,
-                           progress=loop.progress)
+    logger = MetricsLogger(out_dir, total_steps=loop.steps, start_step=start, desc=loop.desc, progress=loop.progress)
     result = LoopResult(step=start)
     t0 = time.perf_counter()
     window_t, window_tokens = time.perf_counter(), 0
@@ -132,7 +150,7 @@ def fit(engine, *, loss_fn: LossFn, num_items: int = 0, ds_cfg: dict, out_dir: s
                 idx = order.micro_batch(step, global_batch=gb, micro=micro, accum_index=a, rank=r, world=world)
                 loss, stats, tokens = loss_fn(engine, idx, step)
                 engine.backward(loss)
-                engine.step()
+                steps.step()
                 window_tokens += tokens * world
                 for k, v in {"loss": loss.item(), **{k: float(v) for k, v in stats.items()}}.items():
                     sums[k] = sums.get(k, 0.0) + v / accum

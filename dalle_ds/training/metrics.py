@@ -1,4 +1,5 @@
 """Rank-0 metrics: JSONL lines, TensorBoard scalars and a progress bar with step, loss and throughput."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,9 @@ from dalle_ds.training.distributed import is_main
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: str | Path, *, total_steps: int, start_step: int = 0, desc: str = "train",
-                 progress: bool = True):
+    def __init__(
+        self, out_dir: str | Path, *, total_steps: int, start_step: int = 0, desc: str = "train", progress: bool = True
+    ):
         self.enabled = is_main()
         self.path = Path(out_dir) / "metrics.jsonl"
         self.writer = None

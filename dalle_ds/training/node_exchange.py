@@ -1,4 +1,4 @@
-"""Compressed gradient exchange between nodes under a ZeRO-3 engine (PAPER §5), as an `engine.step` wrapper.
+"""Compressed gradient exchange between nodes under a ZeRO-3 engine (PAPER §5), as a stage of the step pipeline.
 
 Within a node, ZeRO-3 (whose data-parallel group is the node, see node_groups.py) reduce-scatters the
 gradients: local rank j ends backward holding shard j of the node's mean gradient. Before the optimizer
@@ -15,31 +15,21 @@ its rows are whole rows of the weight and the gradient's low-rank structure surv
 zero-padded to whole rows (error feedback keeps what the shape costs). Only matrices inside the resblocks
 are compressed; embeddings, gains, biases and the output head go uncompressed in fp32 (PAPER §5.4).
 """
+
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from dalle_ds.training.compression import Compressor, OneBit, PowerSGD, Uncompressed
+from dalle_ds.training.compression import Compressor
 from dalle_ds.training.distributed import device
 from dalle_ds.training.node_groups import NodeGroups
-
-KINDS = ("none", "fp32", "powersgd", "onebit")
+from dalle_ds.training.step_pipeline import StepContext
 
 
 def prior_compressible(name: str, param: torch.nn.Parameter) -> bool:
     """Resblock matrices only (PAPER §5.4: embeddings, gains and biases travel uncompressed; so does the head)."""
     return name.startswith("blocks.") and len(getattr(param, "ds_shape", param.shape)) >= 2
-
-
-def make_compressor(kind: str, *, rank: int, fixed_q: bool, seed: int) -> Compressor:
-    if kind == "powersgd":
-        return PowerSGD(rank, fixed_q=fixed_q, seed=seed)
-    if kind == "onebit":
-        return OneBit()
-    if kind == "fp32":
-        return Uncompressed()
-    raise ValueError(f"compression: {kind!r}; choose fp32, powersgd or onebit")
 
 
 class NodeExchange:
@@ -51,8 +41,10 @@ class NodeExchange:
 
         stage = int(engine.zero_optimization_stage()) if engine.zero_optimization() else 0
         if stage != 3:
-            raise ValueError(f"compressed exchange between nodes works on ZeRO-3 gradient shards; the ds_config "
-                             f"has ZeRO stage {stage}: use a stage 3 config (e.g. ds_configs/cpu_zero3_fp32.json)")
+            raise ValueError(
+                f"compressed exchange between nodes works on ZeRO-3 gradient shards; the ds_config "
+                f"has ZeRO stage {stage}: use a stage 3 config (e.g. ds_configs/cpu_zero3_fp32.json)"
+            )
         self._get, self._set = safe_get_local_grad, safe_set_local_grad
         self.engine, self.groups, self.compressor = engine, groups, compressor
         self.params = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
@@ -65,8 +57,9 @@ class NodeExchange:
     def replicas_identical(self) -> bool:
         """Whether my shards equal the same shards on every other node (fp64 sum and sum of squares of
         each shard, compared exactly). Collective over all ranks."""
-        local = torch.stack([torch.stack([p.ds_tensor.double().sum(), p.ds_tensor.double().square().sum()])
-                             for _, p in self.params]).reshape(-1)
+        local = torch.stack(
+            [torch.stack([p.ds_tensor.double().sum(), p.ds_tensor.double().square().sum()]) for _, p in self.params]
+        ).reshape(-1)
         ok = torch.ones(1, dtype=torch.float64, device=local.device)
         if self.groups.num_nodes > 1:
             parts = [torch.empty_like(local) for _ in range(self.groups.num_nodes)]
@@ -99,14 +92,20 @@ class NodeExchange:
 
     def stats(self) -> dict[str, float]:
         """Bytes that crossed node boundaries so far, summed over all ranks, and the ratio to fp32. Collective."""
-        t = torch.tensor([float(self.compressor.bytes_sent), float(self.compressor.bytes_uncompressed)],
-                         dtype=torch.float64, device=device())
+        t = torch.tensor(
+            [float(self.compressor.bytes_sent), float(self.compressor.bytes_uncompressed)],
+            dtype=torch.float64,
+            device=device(),
+        )
         if dist.is_initialized():
             dist.all_reduce(t)
         sent, unc = t.tolist()
-        return {"comm/bytes_between_nodes": sent, "comm/bytes_fp32": unc,
-                "comm/ratio": sent / unc if unc else 0.0,
-                "comm/replicas_identical": float(self.replicas_identical())}
+        return {
+            "comm/bytes_between_nodes": sent,
+            "comm/bytes_fp32": unc,
+            "comm/ratio": sent / unc if unc else 0.0,
+            "comm/replicas_identical": float(self.replicas_identical()),
+        }
 
     def state_dict(self) -> dict:
         return {"compressor": self.compressor.state_dict(), "steps": self.steps}
@@ -115,21 +114,14 @@ class NodeExchange:
         self.compressor.load_state_dict(state["compressor"])
         self.steps = int(state["steps"])
 
+    # -- a stage of the engine's StepPipeline, after gradient scaling (order 0): the exchange and its error
+    # buffers see unscaled gradients (PAPER §5.4), and a skipped step exchanges nothing
 
-def attach(engine, exchange: NodeExchange) -> NodeExchange:
-    """Wrap `engine.step`: at each accumulation boundary, exchange the shards, then step. Attach before the
-    gradient scaler (grad_scaling.attach), so its wrapper runs first: it unscales the shards (the exchange and
-    its error buffers see unscaled gradients, PAPER §5.4) and decides the skip; a skipped step exchanges nothing."""
-    if hasattr(engine, "grad_scaler"):  # the other order would exchange gradients still at the block scales
-        raise RuntimeError("attach the node exchange before the gradient scaler (grad_scaling.attach)")
-    original_step = engine.step
+    order = 10
 
-    def step(*args, **kwargs):
-        scaler = getattr(engine, "grad_scaler", None)
-        if engine.is_gradient_accumulation_boundary() and not getattr(scaler, "skipping", False):
-            exchange.exchange()
-        return original_step(*args, **kwargs)
+    def before_step(self, engine, ctx: StepContext) -> None:
+        if not ctx.skip:
+            self.exchange()
 
-    engine.step = step
-    engine.node_exchange = exchange
-    return exchange
+    def after_step(self, engine, ctx: StepContext) -> None:
+        pass

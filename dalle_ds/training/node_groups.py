@@ -12,6 +12,7 @@ node k holds global ranks [k·R, (k+1)·R). Two families of groups:
 R comes from the launcher (`LOCAL_SIZE` from `deepspeed`, `LOCAL_WORLD_SIZE` from torchrun) and can be
 overridden (`prior_train.ranks_per_node`) so that one machine simulates several nodes.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,10 @@ def resolve_ranks_per_node(override: int, world: int) -> int:
         raise ConfigError(f"prior_train.ranks_per_node: must be >= 0 (0 = from the launcher), got {override}")
     r = override or launcher_ranks_per_node() or world
     if world % r != 0:
-        raise ConfigError(f"prior_train.ranks_per_node: {r} ranks per node do not divide the world of {world} "
-                          "ranks; every node must run the same number of ranks")
+        raise ConfigError(
+            f"prior_train.ranks_per_node: {r} ranks per node do not divide the world of {world} "
+            "ranks; every node must run the same number of ranks"
+        )
     return r
 
 
@@ -45,11 +48,11 @@ def resolve_ranks_per_node(override: int, world: int) -> int:
 class NodeGroups:
     ranks_per_node: int
     num_nodes: int
-    node: int          # this rank's node index
-    local: int         # this rank's index within its node (= its ZeRO-3 shard index)
-    intra: object      # process group: my node's ranks
-    inter: object      # process group: my local rank on every node
-    single: object     # process group: just me (DeepSpeed's model-parallel group of size 1)
+    node: int  # this rank's node index
+    local: int  # this rank's index within its node (= its ZeRO-3 shard index)
+    intra: object  # process group: my node's ranks
+    inter: object  # process group: my local rank on every node
+    single: object  # process group: just me (DeepSpeed's model-parallel group of size 1)
 
     def intra_ranks(self) -> list[int]:
         return list(range(self.node * self.ranks_per_node, (self.node + 1) * self.ranks_per_node))
@@ -79,8 +82,9 @@ def node_groups(ranks_per_node: int) -> NodeGroups:
         g = dist.new_group([q])
         if q == me:
             single = g
-    _CACHE[r] = NodeGroups(ranks_per_node=r, num_nodes=n, node=me // r, local=me % r,
-                           intra=intra, inter=inter, single=single)
+    _CACHE[r] = NodeGroups(
+        ranks_per_node=r, num_nodes=n, node=me // r, local=me % r, intra=intra, inter=inter, single=single
+    )
     return _CACHE[r]
 
 

@@ -1,4 +1,5 @@
 """Builders of small dirty image-text folders for the data tests (no downloads)."""
+
 from __future__ import annotations
 
 import io
@@ -55,17 +56,21 @@ def make_dirty_folder(root: Path, n_good: int = 6) -> dict:
     put(root, "latin1.png", png(rgb(seed=18)), "a small café at the top left".encode("latin-1"))
     # filtered
     put(root, "short.png", png(rgb(seed=19)), b"untitled")
-    put(root, "french.png", png(rgb(seed=20)), "une petite voiture rouge sur la route".encode())
+    put(root, "french.png", png(rgb(seed=20)), b"une petite voiture rouge sur la route")
     put(root, "cyrillic.png", png(rgb(seed=21)), "маленький красный треугольник слева".encode())
     put(root, "boiler.png", png(rgb(seed=22)), b"IMG_1234.JPG photographed on 2014-06-03")
     put(root, "wide.png", png(rgb(90, 40, seed=23)), cap)
     put(root, "tall.png", png(rgb(30, 70, seed=24)), cap)
     return {
         "kept": n_good + 6,
-        "skipped": {"zero_byte": 1, "not_an_image": 2, "corrupt": 2, "decompression_bomb": 1,
-                    "caption_missing": 1, "caption_empty": 1},
-        "converted": {"grayscale": 1, "cmyk": 1, "rgba": 1, "palette": 1, "high_bit_depth": 1,
-                      "caption_not_utf8": 1},
-        "filtered": {"caption_too_short": 1, "caption_not_english": 2, "caption_boilerplate": 1,
-                     "aspect_ratio": 2},
+        "skipped": {
+            "zero_byte": 1,
+            "not_an_image": 2,
+            "corrupt": 2,
+            "decompression_bomb": 1,
+            "caption_missing": 1,
+            "caption_empty": 1,
+        },
+        "converted": {"grayscale": 1, "cmyk": 1, "rgba": 1, "palette": 1, "high_bit_depth": 1, "caption_not_utf8": 1},
+        "filtered": {"caption_too_short": 1, "caption_not_english": 2, "caption_boilerplate": 1, "aspect_ratio": 2},
     }

@@ -9,6 +9,7 @@ The prior trains from pre-encoded tokens, so its per-step loading is tokenising 
 uint16 token table (TokenTable, widened per batch); the dVAE reads pixels, so its per-step loading is
 decode + Listing-1 preprocessing.
 """
+
 import io
 import json
 import platform
@@ -70,18 +71,20 @@ def test_bench_loader_vs_small_prior_step(tmp_path):
     loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2, collate_fn=list, persistent_workers=True)
     sum(len(b) for b in loader)  # start the workers outside the timing
     rows["dvae_images_per_s_2_workers"] = _rate(lambda: sum(len(b) for b in loader))
-    del loader
+    loader = None  # stop the persistent workers
     cfg.data.streaming = True
     order = StreamOrder(cfg.data, "train", "dvae")
-    rows["dvae_stream_images_per_s"] = _rate(lambda: sum(
-        len(order.micro_batch(s, global_batch=8, micro=8, accum_index=0, rank=0, world=1))
-        for s in range(N_IMAGES // 8)))
+    rows["dvae_stream_images_per_s"] = _rate(
+        lambda: sum(
+            len(order.micro_batch(s, global_batch=8, micro=8, accum_index=0, rank=0, world=1))
+            for s in range(N_IMAGES // 8)
+        )
+    )
 
     # the prior: loading = tokenise MICRO captions + index MICRO token grids
     p = cfg.prior
     tok = CaptionTokenizer.train([f"a photo of a small red car number {i}" for i in range(200)], cfg.tokenizer)
-    table = TokenTable(np.random.default_rng(0).integers(0, p.image_vocab_size, (10_000, p.image_len),
-                                                         dtype=np.uint16))
+    table = TokenTable(np.random.default_rng(0).integers(0, p.image_vocab_size, (10_000, p.image_len), dtype=np.uint16))
     caps = [f"a photo of a small red car number {i}" for i in range(10_000)]
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
@@ -105,10 +108,15 @@ def test_bench_loader_vs_small_prior_step(tmp_path):
         if i:
             times.append(time.perf_counter() - t0)
     step_s = min(times)
-    rows.update(prior_micro_batch=MICRO, prior_loader_s_per_step=prior_load_s, prior_step_s=step_s,
-                prior_loader_fraction=prior_load_s / step_s,
-                dvae_pixel_loader_s_per_step=MICRO / rows["dvae_images_per_s"],
-                threads=torch.get_num_threads(), machine=platform.machine())
+    rows.update(
+        prior_micro_batch=MICRO,
+        prior_loader_s_per_step=prior_load_s,
+        prior_step_s=step_s,
+        prior_loader_fraction=prior_load_s / step_s,
+        dvae_pixel_loader_s_per_step=MICRO / rows["dvae_images_per_s"],
+        threads=torch.get_num_threads(),
+        machine=platform.machine(),
+    )
     print("\n" + "\n".join(f"{k:32s} {v:.4g}" if isinstance(v, float) else f"{k:32s} {v}" for k, v in rows.items()))
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(rows, indent=2))

@@ -1,4 +1,5 @@
 """The procedural "shapes" dataset: determinism, captions, held-out pairs, geometry."""
+
 from __future__ import annotations
 
 import itertools
@@ -9,9 +10,24 @@ import numpy as np
 import pytest
 import torch
 
-from dalle_ds.data.shapes import (COLOURS, FAR_POSITION_PAIRS, HELDOUT_PAIRS, MAX_SHIFT, PALETTE, POSITIONS, SHAPES,
-                                  SIZES, TRAIN_PAIRS, ShapesDataset, ShapeSpec, caption_of, heldout_captions,
-                                  parse_caption, render_caption, render_scene, scene_from_caption)
+from dalle_ds.data.shapes import (
+    COLOURS,
+    FAR_POSITION_PAIRS,
+    HELDOUT_PAIRS,
+    MAX_SHIFT,
+    PALETTE,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    TRAIN_PAIRS,
+    ShapesDataset,
+    ShapeSpec,
+    caption_of,
+    heldout_captions,
+    parse_caption,
+    render_scene,
+    scene_from_caption,
+)
 
 
 def _pairs(scene):
@@ -22,7 +38,7 @@ def test_heldout_design():
     assert len(HELDOUT_PAIRS) == len(set(HELDOUT_PAIRS)) == len(COLOURS)
     assert sorted(c for c, _ in HELDOUT_PAIRS) == sorted(COLOURS)  # one held-out shape per colour
     for shape in SHAPES:
-        assert sum(s == shape for _, s in HELDOUT_PAIRS) == 1      # every shape held out once
+        assert sum(s == shape for _, s in HELDOUT_PAIRS) == 1  # every shape held out once
     for colour in COLOURS:
         assert sum(c == colour for c, _ in TRAIN_PAIRS) == len(SHAPES) - 1
     for shape in SHAPES:
@@ -93,9 +109,12 @@ def test_captions_parse_back_to_the_scene():
     item = ds[5]
     assert np.array_equal(render_scene(ds.scene(5), 32), item["image"].permute(1, 2, 0).numpy())
     assert parse_caption("A Large  RED circle at the Center.") == [
-        ShapeSpec(colour="red", shape="circle", size="large", position="centre")]
-    assert caption_of(parse_caption("a small red triangle at the top left and a large blue circle at the bottom right")) \
+        ShapeSpec(colour="red", shape="circle", size="large", position="centre")
+    ]
+    assert (
+        caption_of(parse_caption("a small red triangle at the top left and a large blue circle at the bottom right"))
         == "a small red triangle at the top left and a large blue circle at the bottom right"
+    )
     for bad in ("a red circle", "a small pink circle at the top", "a small red circle at the moon", ""):
         with pytest.raises(ValueError):
             parse_caption(bad)
@@ -137,8 +156,9 @@ def test_two_shapes_never_overlap():
     from dalle_ds.eval.composition import check_image
 
     for size in (16, 32):
-        for (pa, pb), (sa, sb), (ha, hb) in itertools.product(FAR_POSITION_PAIRS, itertools.product(SIZES, SIZES),
-                                                               [("square", "square"), ("circle", "triangle")]):
+        for (pa, pb), (sa, sb), (ha, hb) in itertools.product(
+            FAR_POSITION_PAIRS, itertools.product(SIZES, SIZES), [("square", "square"), ("circle", "triangle")]
+        ):
             one = ShapeSpec(colour="red", shape=ha, size=sa, position=pa)
             two = ShapeSpec(colour="blue", shape=hb, size=sb, position=pb)
             a = render_scene([one], size).any(axis=2)
@@ -204,5 +224,6 @@ def test_pixel_noise_is_bounded_and_fixed_per_item():
         diff = noisy[i]["image"].int() - clean[i]["image"].int()
         assert diff.abs().max() <= 10 and diff.abs().max() > 0
         assert torch.equal(noisy[i]["image"], noisy[i]["image"])
-    assert not torch.equal(noisy[0]["image"].int() - clean[0]["image"].int(),
-                           noisy[1]["image"].int() - clean[1]["image"].int())
+    assert not torch.equal(
+        noisy[0]["image"].int() - clean[0]["image"].int(), noisy[1]["image"].int() - clean[1]["image"].int()
+    )

@@ -1,4 +1,5 @@
 """StreamOrder: sequential per-rank micro-batches from a stream, resumable from its state (issue 5, item 1)."""
+
 import io
 import sys
 import tarfile
@@ -14,8 +15,10 @@ from dalle_ds.data.stream import StreamOrder, chain_digest  # noqa: E402
 
 
 def cfg_for(kind, path, *extra):
-    return load_config("tiny", overrides=[f"data.dataset={kind}", f"data.path={path}", "data.val_fraction=0",
-                                          "data.streaming=true", *extra]).data
+    return load_config(
+        "tiny",
+        overrides=[f"data.dataset={kind}", f"data.path={path}", "data.val_fraction=0", "data.streaming=true", *extra],
+    ).data
 
 
 def _tars(root: Path, n: int = 10) -> str:
@@ -33,8 +36,11 @@ def _tars(root: Path, n: int = 10) -> str:
 
 def _read(order, steps, start=0, micro=2, world=1, rank=0):
     gb = micro * world
-    return [it["key"] for s in range(start, steps)
-            for it in order.micro_batch(s, global_batch=gb, micro=micro, accum_index=0, rank=rank, world=world)]
+    return [
+        it["key"]
+        for s in range(start, steps)
+        for it in order.micro_batch(s, global_batch=gb, micro=micro, accum_index=0, rank=rank, world=world)
+    ]
 
 
 @pytest.mark.parametrize("kind,prefetch", [("folder", 0), ("folder", 3), ("webdataset", 2)])

@@ -1,9 +1,10 @@
 """load_encoded keeps the token grids uint16 in memory and widens only a batch (issue 5, item 5)."""
+
 import numpy as np
 import torch
-
 from helpers import make_encoded_dataset
-from dalle_ds.data.encode import load_encoded
+
+from dalle_ds.data.encode_grids import load_encoded
 from dalle_ds.data.order import DataOrder
 
 
@@ -34,5 +35,5 @@ def test_tokens_stay_16_bit_and_batches_are_unchanged(tmp_path, tiny_cfg):
             batch = toks[idx]
             assert batch.dtype == torch.int64 and torch.equal(batch, old[idx])
         for s in range(0, len(caps), 5):  # validation_loss slices
-            assert torch.equal(toks[s:s + 5], old[s:s + 5])
+            assert torch.equal(toks[s : s + 5], old[s : s + 5])
         assert torch.equal(toks[7], old[7])

@@ -7,6 +7,7 @@ prior from step 0 (`kl_warmup_steps=0`) bounds them. This runs the preset's own 
 temperature/KL schedules on shapes images for a few dozen steps, without the squared-error warm-up
 (`mse_warmup`), so that the KL's effect is measured alone (with it, seed 3 peaks near 20, not ~1000).
 """
+
 import dataclasses
 
 import torch
@@ -24,8 +25,13 @@ def _worst_logit_gap(train_cfg, seed: int, images: torch.Tensor, dvae_cfg) -> fl
     """Largest mean (top logit - mean logit) of the encoder over STEPS AdamW steps from seed's init."""
     torch.manual_seed(seed)
     model = DVAE(dvae_cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, betas=train_cfg.betas, eps=train_cfg.eps,
-                            weight_decay=train_cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=train_cfg.lr,
+        betas=train_cfg.betas,
+        eps=train_cfg.eps,
+        weight_decay=train_cfg.weight_decay,
+    )
     gen = torch.Generator().manual_seed(seed)
     worst = 0.0
     for step in range(STEPS):
@@ -36,7 +42,7 @@ def _worst_logit_gap(train_cfg, seed: int, images: torch.Tensor, dvae_cfg) -> fl
         loss.backward()
         opt.step()
         with torch.no_grad():
-            logits = model.encoder(map_pixels(x))                            # (B, K, G, G)
+            logits = model.encoder(map_pixels(x))  # (B, K, G, G)
         worst = max(worst, float((logits.max(1).values - logits.mean(1)).mean()))
     return worst
 
@@ -45,10 +51,10 @@ def test_kl_from_step_zero_bounds_the_encoder_logits():
     cfg = get_preset("shapes")
     assert cfg.dvae_train.kl_warmup_steps == 0 and cfg.dvae_train.kl_weight > 0
     data = ShapesDataset(split="train", size=256, image_size=cfg.data.image_size, seed=0)
-    images = torch.stack([data[i]["image"] for i in range(len(data))]).float() / 255   # (N, 3, H, W)
+    images = torch.stack([data[i]["image"] for i in range(len(data))]).float() / 255  # (N, 3, H, W)
     seeds = (0, 3)
     with_kl = [_worst_logit_gap(cfg.dvae_train, s, images, cfg.dvae) for s in seeds]
-    warm_up = dataclasses.replace(cfg.dvae_train, kl_warmup_steps=1000)     # KL weight ~0 for these steps
+    warm_up = dataclasses.replace(cfg.dvae_train, kl_warmup_steps=1000)  # KL weight ~0 for these steps
     without = [_worst_logit_gap(warm_up, s, images, cfg.dvae) for s in seeds]
     assert max(with_kl) < 15, with_kl
     assert max(without) > 5 * max(with_kl), (without, with_kl)  # seed 3 runs away (~1000) without the KL

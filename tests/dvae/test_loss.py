@@ -1,4 +1,5 @@
 """Likelihood, pixel map, KL and Gumbel-softmax of the dVAE (dalle_ds/dvae/loss.py, PAPER §1.2)."""
+
 import math
 
 import pytest

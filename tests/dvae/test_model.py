@@ -1,4 +1,5 @@
 """Architecture and forward pass of the dVAE (dalle_ds/dvae/model.py, PAPER §1.1-1.2)."""
+
 import math
 
 import pytest
@@ -45,7 +46,7 @@ def test_official_module_names():
         model = DVAE(DVAEConfig())
     enc, dec = model.encoder.state_dict(), model.decoder.state_dict()
     assert enc["blocks.input.w"].shape == (256, 3, 7, 7)
-    assert "blocks.group_1.block_1.id_path.w" not in enc            # 256 -> 256: identity skip
+    assert "blocks.group_1.block_1.id_path.w" not in enc  # 256 -> 256: identity skip
     assert enc["blocks.group_2.block_1.id_path.w"].shape == (512, 256, 1, 1)
     assert enc["blocks.group_4.block_2.res_path.conv_4.w"].shape == (2048, 512, 1, 1)
     assert enc["blocks.output.conv.w"].shape == (8192, 2048, 1, 1)
@@ -143,14 +144,17 @@ def test_mse_weight_adds_the_squared_error_of_the_mapped_pixels():
     mse = ((torch.sigmoid(model.decoder(z)[:, :3]) - xm) ** 2).mean()
     torch.testing.assert_close(loss, base + 7.0 * mse)
     (loss - base).backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0
-               for p in (model.encoder.blocks.input.w, model.decoder.blocks.output.conv.w))
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for p in (model.encoder.blocks.input.w, model.decoder.blocks.output.conv.w)
+    )
 
 
 def test_max_log_b_caps_the_scale_in_the_loss_only():
     """With dvae.max_log_b the NLL uses min(ln b, cap) per subpixel (a direct recomputation), the cap
     binds where the decoder's ln b exceeds it, and encode/decode do not depend on it."""
     import dataclasses
+
     model = _model()
     x = _pixels(model.cfg, batch=2)
     with torch.no_grad():

@@ -1,4 +1,5 @@
 """A tiny dVAE learns: a short AdamW run on four fixed images lowers the loss (dalle_ds/dvae)."""
+
 import torch
 
 from dalle_ds.config import get_preset
@@ -10,7 +11,7 @@ def test_tiny_dvae_overfits_four_blocky_images():
     torch.manual_seed(0)
     cfg = get_preset("tiny").dvae
     g = torch.Generator().manual_seed(0)
-    cells = torch.rand(4, 3, 4, 4, generator=g)                       # one random colour per 4x4 cell
+    cells = torch.rand(4, 3, 4, 4, generator=g)  # one random colour per 4x4 cell
     images = cells.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)  # (4, 3, 16, 16)
     model = DVAE(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)

@@ -1,4 +1,5 @@
 """Cosine schedules of the dVAE (dalle_ds/dvae/schedules.py, PAPER §1.3)."""
+
 import pytest
 import torch
 
@@ -28,8 +29,9 @@ def test_paper_schedules_endpoints():
     assert dvae_schedules(cfg.temp_anneal_steps, cfg)["temperature"] == pytest.approx(1 / 16)
     assert dvae_schedules(cfg.kl_warmup_steps, cfg)["kl_weight"] == pytest.approx(6.6)
     assert dvae_schedules(cfg.lr_decay_steps, cfg)["lr"] == pytest.approx(1.25e-6)
-    assert dvae_schedules(cfg.steps, cfg) == pytest.approx({"temperature": 1 / 16, "kl_weight": 6.6,
-                                                            "lr": 1.25e-6, "mse_weight": 0.0})
+    assert dvae_schedules(cfg.steps, cfg) == pytest.approx(
+        {"temperature": 1 / 16, "kl_weight": 6.6, "lr": 1.25e-6, "mse_weight": 0.0}
+    )
 
 
 def test_paper_schedules_monotone():

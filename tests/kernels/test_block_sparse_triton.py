@@ -5,10 +5,10 @@ Without a GPU the kernels run in Triton's CPU interpreter: TRITON_INTERPRET=1 is
 anything defines a kernel (the kernel module imports Triton and defines its kernels lazily, at the first
 call). The interpreter's bf16 `tl.dot` is broken, so fp32 and fp16 are checked here, bf16 only on a GPU.
 """
+
 import os
 
 import torch
-
 from helpers import layout_id, run_with_grads
 
 if not torch.cuda.is_available():
@@ -21,23 +21,23 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from dalle_ds import attention  # noqa: E402
+from dalle_ds.attention.layout import layout_on  # noqa: E402
+from dalle_ds.attention.masks import MaskSpec, dense_mask  # noqa: E402
 from dalle_ds.config import get_preset  # noqa: E402
 from dalle_ds.kernels import block_sparse_attention as bsa  # noqa: E402
 from dalle_ds.kernels.reference import reference_attention  # noqa: E402
-from dalle_ds.prior.layout import layout_on  # noqa: E402
-from dalle_ds.prior.masks import MaskSpec, dense_mask  # noqa: E402
 from dalle_ds.prior.model import Prior  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not bsa.interpreting() else "cpu")
 LAYOUTS = [("row", False), ("column", False), ("column", True), ("conv", False), ("causal", False)]
-SHAPES = [(256, 8, 5, 32), (77, 8, 5, 32), (13, 4, 3, 16)]   # (T, G, K, block)
+SHAPES = [(256, 8, 5, 32), (77, 8, 5, 32), (13, 4, 3, 16)]  # (T, G, K, block)
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _triton_backend():
-    """Register "triton" even if dalle_ds.attention was imported before this module set the variable."""
-    assert bsa.register()
+    """The "triton" backend runs here: a GPU, or the interpreter this module switched on."""
+    assert bsa.usable()
     yield
 
 
@@ -65,7 +65,9 @@ def check_against_reference(spec, permuted, block, dtype, **kw):
     L = spec.seq_len
     mask = lay.dense_element_mask()[:L, :L].to(DEVICE)
     q, k, v, g = inputs(L, dtype, **kw)
-    want = run_with_grads(lambda a, b, c: reference_attention(a, b, c, mask), q.double(), k.double(), v.double(), g.double())
+    want = run_with_grads(
+        lambda a, b, c: reference_attention(a, b, c, mask), q.double(), k.double(), v.double(), g.double()
+    )
     base = run_with_grads(lambda a, b, c: reference_attention(a, b, c, mask, dtype=dtype), q, k, v, g)
     got = run_with_grads(lambda a, b, c: bsa.block_sparse_attention(a, b, c, lay), q, k, v, g)
     for t in got:

@@ -1,14 +1,15 @@
 """Block layouts (dalle_ds/prior/layout.py) against the one mask definition of masks.py."""
+
 import pytest
 import torch
 
+from dalle_ds.attention.layout import EMPTY, FULL, PARTIAL, block_layout, layout_on, layout_summary
+from dalle_ds.attention.masks import MaskSpec, column_major_perm, dense_mask
 from dalle_ds.kernels.reference import reference_attention
-from dalle_ds.prior.layout import EMPTY, FULL, PARTIAL, block_layout, layout_on, layout_summary
-from dalle_ds.prior.masks import MaskSpec, column_major_perm, dense_mask
 
 # (kind, permuted): every layout a backend runs; "column" plain is the raster-order column mask
 LAYOUTS = [("row", False), ("column", False), ("column", True), ("conv", False), ("causal", False)]
-SHAPES = [(256, 8, 5), (77, 8, 5), (13, 4, 3)]          # (T, G, K): T = 256-like, awkward T = 77 and 13
+SHAPES = [(256, 8, 5), (77, 8, 5), (13, 4, 3)]  # (T, G, K): T = 256-like, awkward T = 77 and 13
 
 
 def _ids(p):
@@ -91,8 +92,16 @@ def test_transposed_lists_are_the_same_tiles(layout):
 def test_index_tables_are_int32_and_masks_bool():
     """The tables a kernel reads are int32, the partial-tile masks bool (P, block_q, block_k)."""
     lay = block_layout(MaskSpec("row", 256, 8, 5), 32)
-    for t in (lay.kv_index, lay.kv_count, lay.kv_full, lay.kv_mask_id,
-              lay.q_index, lay.q_count, lay.q_full, lay.q_mask_id):
+    for t in (
+        lay.kv_index,
+        lay.kv_count,
+        lay.kv_full,
+        lay.kv_mask_id,
+        lay.q_index,
+        lay.q_count,
+        lay.q_full,
+        lay.q_mask_id,
+    ):
         assert t.dtype == torch.int32
     assert lay.tile_masks.dtype == torch.bool
     assert lay.tile_masks.shape == (lay.n_partial, 32, 32)
@@ -101,7 +110,7 @@ def test_index_tables_are_int32_and_masks_bool():
 def test_awkward_text_length_pads_keys_into_partial_tiles():
     """T = 77 (not a block multiple): the last key block holds padded keys, so it is never full; padded
     query rows are "don't care" and never make a tile partial."""
-    spec = MaskSpec("row", 77, 8, 5)        # L = 141 = 4 * 32 + 13
+    spec = MaskSpec("row", 77, 8, 5)  # L = 141 = 4 * 32 + 13
     lay = block_layout(spec, 32)
     assert lay.n_q_blocks == lay.n_k_blocks == 5
     assert not (lay.block_kind[:, -1] == FULL).any()
@@ -122,9 +131,16 @@ def test_block_sizes_may_differ():
 def test_paper_densities():
     """At 256 + 32x32 with 32-token blocks: row, transposed column and conv compute 20-31% of the
     tiles, against 51% for plain causal attention and for the untransposed column mask."""
-    d = {name: block_layout(MaskSpec(kind, 256, 32, 11), 32, permuted=p).density
-         for name, kind, p in [("row", "row", False), ("column", "column", False), ("column_t", "column", True),
-                               ("conv", "conv", False), ("causal", "causal", False)]}
+    d = {
+        name: block_layout(MaskSpec(kind, 256, 32, 11), 32, permuted=p).density
+        for name, kind, p in [
+            ("row", "row", False),
+            ("column", "column", False),
+            ("column_t", "column", True),
+            ("conv", "conv", False),
+            ("causal", "causal", False),
+        ]
+    }
     assert d["row"] == pytest.approx(355 / 1600)
     assert d["column_t"] == pytest.approx(324 / 1600)
     assert d["conv"] == pytest.approx(495 / 1600)

@@ -8,11 +8,12 @@ query and key.
   conv:   k <= q and k - q = G*dr + dc, dr in [-(K-1)/2, 0], dc in [-(K-1)/2, (K-1)/2]
   text queries: causal over text, never an image key; image queries: every text key.
 """
+
 import numpy as np
 import pytest
 import torch
 
-from dalle_ds.prior.masks import MaskSpec, column_major_perm, dense_mask, layer_kinds
+from dalle_ds.attention.masks import MaskSpec, column_major_perm, dense_mask, layer_kinds
 
 KINDS = ("row", "column", "conv", "causal")
 
@@ -36,9 +37,9 @@ def brute_force_mask(kind: str, T: int, G: int, K: int) -> np.ndarray:
     out = np.zeros((L, L), dtype=bool)
     for i in range(L):
         for j in range(L):
-            if i < T:                    # text query: causal over text only
+            if i < T:  # text query: causal over text only
                 out[i, j] = j < T and j <= i
-            elif j < T:                  # image query, text key: always
+            elif j < T:  # image query, text key: always
                 out[i, j] = True
             else:
                 out[i, j] = _image_rule(kind, i - T, j - T, G, K)

@@ -1,4 +1,5 @@
 """The stage-2 prior: shapes, loss, per-slot pads, masks end to end, gradients (CPU, tiny sizes)."""
+
 import dataclasses
 
 import pytest
@@ -6,10 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from dalle_ds import attention
+from dalle_ds.attention.masks import MaskSpec, dense_mask, layer_kinds
 from dalle_ds.config import get_preset
-from dalle_ds.prior.masks import MaskSpec, dense_mask, layer_kinds
 from dalle_ds.prior.model import Prior
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,9 +81,9 @@ def test_pads_in_different_slots_use_different_embeddings():
     loss.backward()
     row_used = model.tok_emb.weight.grad.abs().sum(1) > 0  # (Vt + T,)
     Vt, T = cfg.text_vocab_size, cfg.text_len
-    assert row_used[Vt + 5:Vt + T].all()      # pads of slots 5.. (caption 0) and 9.. (caption 1)
-    assert not row_used[Vt:Vt + 5].any()      # no caption has a pad before slot 5
-    assert not row_used[0]                    # the raw pad id 0 is never looked up
+    assert row_used[Vt + 5 : Vt + T].all()  # pads of slots 5.. (caption 0) and 9.. (caption 1)
+    assert not row_used[Vt : Vt + 5].any()  # no caption has a pad before slot 5
+    assert not row_used[0]  # the raw pad id 0 is never looked up
     # the pad embedding of slot 5 is an input of caption 0 (pad there) only, not of caption 1 (real token)
     tl, il = model.logits(text, image)
     with torch.no_grad():
@@ -142,7 +142,7 @@ def test_tied_head_is_the_embeddings_and_learns_through_both_uses():
     (g_out,) = torch.autograd.grad((1 - cfg.text_loss_weight) * out, w)
     assert g_out.abs().sum() > 0 and not torch.allclose(full, g_out)  # the input side adds its own part
     used = torch.zeros(cfg.image_vocab_size, dtype=torch.bool)
-    used[image[:, :-1].flatten()] = True                                # rows never read as inputs
+    used[image[:, :-1].flatten()] = True  # rows never read as inputs
     torch.testing.assert_close(full[~used], g_out[~used], rtol=1e-4, atol=1e-7)
 
 
@@ -157,8 +157,8 @@ def test_changing_image_token_never_changes_earlier_positions():
         image2[:, r] = (image[:, r] + 1) % cfg.image_vocab_size
         tl2, il2 = model.logits(text, image2)
         assert torch.equal(tl, tl2)
-        assert torch.equal(il[:, :r + 1], il2[:, :r + 1])
-        assert not torch.equal(il[:, r + 1:], il2[:, r + 1:])
+        assert torch.equal(il[:, : r + 1], il2[:, : r + 1])
+        assert not torch.equal(il[:, r + 1 :], il2[:, r + 1 :])
 
 
 def test_changing_text_token_never_changes_earlier_text_logits():
@@ -171,7 +171,7 @@ def test_changing_text_token_never_changes_earlier_text_logits():
         text2 = text.clone()
         text2[:, p] = text[:, p] % (cfg.text_vocab_size - 1) + 1
         tl2, il2 = model.logits(text2, image)
-        assert torch.equal(tl[:, :p + 1], tl2[:, :p + 1])
+        assert torch.equal(tl[:, : p + 1], tl2[:, : p + 1])
         assert not torch.equal(il, il2)  # every image position sees all text
 
 
@@ -242,6 +242,6 @@ def test_dense_backend_is_masked_softmax():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, spec.seq_len, 8, generator=g, dtype=torch.float64) for _ in range(3))
     m = dense_mask(spec)
-    s = (q @ k.transpose(-1, -2)) / 8 ** 0.5
+    s = (q @ k.transpose(-1, -2)) / 8**0.5
     ref = torch.softmax(s.masked_fill(~m, float("-inf")), -1) @ v
     torch.testing.assert_close(attention.attend(q, k, v, spec), ref)

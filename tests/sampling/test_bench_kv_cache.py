@@ -9,6 +9,7 @@ timed on the LAST `UNCACHED_STEPS` tokens only (priming the first N - UNCACHED_S
 per-step cost is extrapolated to N steps. The cached path is timed on the full 1024-token sample.
 The two paths are also checked to sample the same tokens over the timed steps.
 """
+
 import json
 import platform
 import time
@@ -46,14 +47,14 @@ def test_bench_kv_cache_sampling():
 
     # warm-up (allocator, first-call overheads)
     sample_image_tokens(model, text, generator=gen(), prime=torch.zeros(1, N - 4, dtype=torch.long))
-    sample_image_tokens(model, text, generator=gen(), use_cache=False,
-                        prime=torch.zeros(1, N - 1, dtype=torch.long))
+    sample_image_tokens(model, text, generator=gen(), use_cache=False, prime=torch.zeros(1, N - 1, dtype=torch.long))
 
     cached_tokens, t_cached = _timed(lambda: sample_image_tokens(model, text, generator=gen()))
 
-    prime = cached_tokens[:, :N - UNCACHED_STEPS]
+    prime = cached_tokens[:, : N - UNCACHED_STEPS]
     ref, t_uncached_part = _timed(
-        lambda: sample_image_tokens(model, text, generator=gen(), use_cache=False, prime=prime))
+        lambda: sample_image_tokens(model, text, generator=gen(), use_cache=False, prime=prime)
+    )
     same, t_cached_part = _timed(lambda: sample_image_tokens(model, text, generator=gen(), prime=prime))
     assert torch.equal(ref, same), "cached and uncached paths sampled different tokens"
 
@@ -61,8 +62,13 @@ def test_bench_kv_cache_sampling():
     t_uncached_est = per_step_uncached * N
     result = {
         "preset": "small",
-        "prior": {"text_len": cfg.text_len, "image_tokens": N, "d_model": cfg.d_model,
-                  "n_layers": cfg.n_layers, "n_heads": cfg.n_heads},
+        "prior": {
+            "text_len": cfg.text_len,
+            "image_tokens": N,
+            "d_model": cfg.d_model,
+            "n_layers": cfg.n_layers,
+            "n_heads": cfg.n_heads,
+        },
         "batch_size": 1,
         "device": "cpu",
         "torch_threads": torch.get_num_threads(),
@@ -82,11 +88,15 @@ def test_bench_kv_cache_sampling():
     OUT.write_text(json.dumps(result, indent=2) + "\n")
 
     print()
-    print(f"KV-cache sampling benchmark: small prior (T {cfg.text_len} + {N} image tokens, d {cfg.d_model}, "
-          f"{cfg.n_layers} layers), batch 1, CPU, {torch.get_num_threads()} threads")
+    print(
+        f"KV-cache sampling benchmark: small prior (T {cfg.text_len} + {N} image tokens, d {cfg.d_model}, "
+        f"{cfg.n_layers} layers), batch 1, CPU, {torch.get_num_threads()} threads"
+    )
     print(f"{'path':<34}{'total s':>10}{'ms/token':>10}")
     print(f"{'cached (1024 tokens, measured)':<34}{t_cached:>10.2f}{1e3 * t_cached / N:>10.2f}")
     print(f"{'uncached (1024, extrapolated)':<34}{t_uncached_est:>10.2f}{1e3 * per_step_uncached:>10.2f}")
-    print(f"uncached: timed the last {UNCACHED_STEPS} of {N} steps ({t_uncached_part:.2f} s; every step runs "
-          f"the full forward, so per-step cost is constant) and extrapolated x{N // UNCACHED_STEPS}")
+    print(
+        f"uncached: timed the last {UNCACHED_STEPS} of {N} steps ({t_uncached_part:.2f} s; every step runs "
+        f"the full forward, so per-step cost is constant) and extrapolated x{N // UNCACHED_STEPS}"
+    )
     print(f"speedup (uncached / cached): {result['speedup']:.1f}x   -> {OUT}")

@@ -1,30 +1,37 @@
 """KV-cached decoding equals the full pass; sampling paths agree; priming; top-k / nucleus filtering."""
+
 import dataclasses
 import math
 
 import pytest
 import torch
 
+from dalle_ds.attention.masks import layer_kinds
 from dalle_ds.config import PriorConfig, get_preset
-from dalle_ds.prior.masks import layer_kinds
 from dalle_ds.prior.model import Prior
 from dalle_ds.sampling.decode import filter_logits, sample_image_tokens
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def all_kinds_cfg() -> PriorConfig:
     """Every layer kind (row, column, conv; causal added below), text 7, grid 5, conv 3, 5 layers."""
-    return PriorConfig(text_len=7, text_vocab_size=50, image_grid=5, image_vocab_size=24,
-                       d_model=32, n_layers=5, n_heads=4, conv_kernel=3)
+    return PriorConfig(
+        text_len=7,
+        text_vocab_size=50,
+        image_grid=5,
+        image_vocab_size=24,
+        d_model=32,
+        n_layers=5,
+        n_heads=4,
+        conv_kernel=3,
+    )
 
 
 CONFIGS = {
     "tiny": lambda: get_preset("tiny").prior,
     "all_kinds_t7_g5": all_kinds_cfg,
-    "shapes_shape": lambda: dataclasses.replace(get_preset("shapes").prior, d_model=48, n_heads=4,
-                                                n_layers=3),
+    "shapes_shape": lambda: dataclasses.replace(get_preset("shapes").prior, d_model=48, n_heads=4, n_layers=3),
 }
 
 
@@ -40,7 +47,7 @@ def make(cfg, seed=0, causal_layer=None):
 def random_inputs(cfg, B=2, seed=1):
     g = torch.Generator().manual_seed(seed)
     text = torch.randint(1, cfg.text_vocab_size, (B, cfg.text_len), generator=g)
-    text[0, cfg.text_len // 2:] = 0  # one caption with pads
+    text[0, cfg.text_len // 2 :] = 0  # one caption with pads
     image = torch.randint(0, cfg.image_vocab_size, (B, cfg.image_len), generator=g)
     return text, image
 
@@ -124,10 +131,10 @@ def test_priming_keeps_the_primed_tokens():
     cfg = all_kinds_cfg()
     model = make(cfg)
     text, image = random_inputs(cfg)
-    prime = image[:, :2 * cfg.image_grid]  # the top two rows
+    prime = image[:, : 2 * cfg.image_grid]  # the top two rows
     a = sample_image_tokens(model, text, prime=prime, generator=torch.Generator().manual_seed(4))
     b = sample_image_tokens(model, text, prime=prime, generator=torch.Generator().manual_seed(4), use_cache=False)
-    assert torch.equal(a[:, :prime.shape[1]], prime)
+    assert torch.equal(a[:, : prime.shape[1]], prime)
     assert torch.equal(a, b)
 
 

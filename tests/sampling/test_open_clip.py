@@ -2,6 +2,7 @@
 
 open_clip cannot be imported here (see dalle_ds/sampling/open_clip_config.py), so its outputs were recorded
 once by tests/data/open_clip/make_fixture.py, run with real open_clip 3.3.0 on two tiny random models."""
+
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ def ref():
 
 def test_tokenizer_matches_open_clip(ref):
     """Punctuation, contractions, unicode, html entities, mojibake, curly quotes, specials, truncation."""
-    from dalle_ds.sampling.clip_bpe import ClipTokenizer
+    from dalle_ds.rerank.clip_bpe import ClipTokenizer
 
     assert torch.equal(ClipTokenizer()(ref["tokenizer_cases"]), ref["tokenizer_ids"])
 
@@ -28,8 +29,8 @@ def test_tokenizer_matches_open_clip(ref):
 @pytest.mark.parametrize("name", ["tiny", "variant"])
 def test_reranker_matches_open_clip(ref, name, one_thread):
     """Preprocessing, token ids, both towers and the reranker's score equal open_clip's on the same files."""
-    from dalle_ds.sampling.open_clip_model import preprocess
-    from dalle_ds.sampling.rerank import load_reranker
+    from dalle_ds.rerank.open_clip_model import preprocess
+    from dalle_ds.rerank.rerankers import load_reranker
 
     r, want = load_reranker(open_clip=SPECS[name]), ref[name]
     for im, pix in zip(ref["pre_images"], want["pre_pixels"]):  # odd sizes, both orientations
@@ -45,8 +46,8 @@ def test_reranker_matches_open_clip(ref, name, one_thread):
 
 def test_builtin_config_has_open_clips_layout(ref):
     """ViT-B-32, read from the installed package's config file, gets exactly open_clip's names and shapes."""
-    from dalle_ds.sampling.open_clip_config import load_config
-    from dalle_ds.sampling.open_clip_model import OpenClip
+    from dalle_ds.rerank.open_clip_config import load_config
+    from dalle_ds.rerank.open_clip_model import OpenClip
 
     with torch.device("meta"):
         model = OpenClip(load_config("ViT-B-32"))
@@ -55,8 +56,8 @@ def test_builtin_config_has_open_clips_layout(ref):
 
 def test_checkpoint_forms_and_errors(ref, tmp_path, one_thread):
     """open_clip training's {"state_dict": {"module.…"}} file scores the same; wrong input fails clearly."""
-    from dalle_ds.sampling.open_clip_config import load_config
-    from dalle_ds.sampling.rerank import load_reranker
+    from dalle_ds.rerank.open_clip_config import load_config
+    from dalle_ds.rerank.rerankers import load_reranker
 
     sd = torch.load(DATA / "tiny.pt", weights_only=True)
     wrapped = tmp_path / "epoch_1.pt"
@@ -82,10 +83,10 @@ def test_checkpoint_forms_and_errors(ref, tmp_path, one_thread):
 def test_rerank_keeps_the_matching_image_after_training(tmp_path, one_thread):
     """The tiny model trained a few steps on red/blue pairs, saved and reloaded through `--open-clip`:
     `rerank` keeps the red candidate for the red caption and the blue one for the blue caption."""
-    from dalle_ds.sampling.open_clip_config import load_config
-    from dalle_ds.sampling.open_clip_model import load_model, preprocess
-    from dalle_ds.sampling.clip_bpe import ClipTokenizer
-    from dalle_ds.sampling.rerank import load_reranker, rerank
+    from dalle_ds.rerank.clip_bpe import ClipTokenizer
+    from dalle_ds.rerank.open_clip_config import load_config
+    from dalle_ds.rerank.open_clip_model import load_model, preprocess
+    from dalle_ds.rerank.rerankers import load_reranker, rerank
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

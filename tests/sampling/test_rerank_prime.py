@@ -1,11 +1,11 @@
 """Image-to-image priming, contrastive reranking (own model and the open_clip adapter), `dalle-ds sample` flags."""
+
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from helpers import make_encoded_dataset, write_ds_config
 
 
@@ -13,20 +13,27 @@ from helpers import make_encoded_dataset, write_ds_config
 def tiny_models(tmp_path_factory):
     """Tiny dVAE, prior and contrastive model files, trained a few steps (seconds)."""
     from dalle_ds.config import load_config
-    from dalle_ds.train_clip import train_clip
-    from dalle_ds.train_dvae import train_dvae
-    from dalle_ds.train_prior import train_prior
+    from dalle_ds.dvae.train import train_dvae
+    from dalle_ds.prior.train import train_prior
+    from dalle_ds.rerank.train import train_clip
 
     root = tmp_path_factory.mktemp("models")
-    cfg = load_config("tiny", overrides=["tokenizer.bpe_dropout=0", "dvae_train.steps=2", "prior_train.steps=2",
-                                         "data.num_train=32", "data.num_val=8"])
+    cfg = load_config(
+        "tiny",
+        overrides=[
+            "tokenizer.bpe_dropout=0",
+            "dvae_train.steps=2",
+            "prior_train.steps=2",
+            "data.num_train=32",
+            "data.num_val=8",
+        ],
+    )
     ds = write_ds_config(root / "ds.json", micro=4, stage=0)
     dv = train_dvae(cfg, ds_config=ds, out_dir=root / "dvae", progress=False)
     make_encoded_dataset(root / "tok", cfg, n_train=16, n_val=4)
     pr = train_prior(cfg, ds_config=ds, data_dir=root / "tok", out_dir=root / "prior", progress=False)
     cl = train_clip(cfg, root / "clip", progress=False)
-    return {"cfg": cfg, "dvae": dv["path"], "prior": pr["path"], "clip": cl["path"], "clip_summary": cl,
-            "root": root}
+    return {"cfg": cfg, "dvae": dv["path"], "prior": pr["path"], "clip": cl["path"], "clip_summary": cl, "root": root}
 
 
 class RecordingDVAE(torch.nn.Module):
@@ -46,10 +53,10 @@ def test_prime_keeps_the_top_rows(tiny_models, tmp_path):
     """The top R rows of the primed image's argmax grid are kept verbatim in every sample."""
     from PIL import Image
 
-    from dalle_ds.sample import generate
+    from dalle_ds.dvae.io import load_dvae
+    from dalle_ds.prior.io import load_prior
+    from dalle_ds.sampling.generate import generate
     from dalle_ds.sampling.prime import load_image, prime_tokens
-    from dalle_ds.train_dvae import load_dvae
-    from dalle_ds.train_prior import load_prior
 
     prior, tok, cfg = load_prior(tiny_models["prior"])
     dvae, _ = load_dvae(tiny_models["dvae"], cfg)
@@ -72,7 +79,7 @@ def test_prime_keeps_the_top_rows(tiny_models, tmp_path):
 
 
 def test_rerank_keeps_best_per_caption():
-    from dalle_ds.sampling.rerank import rerank
+    from dalle_ds.rerank.rerankers import rerank
 
     class ByBrightness:
         def score(self, images, captions):
@@ -86,8 +93,8 @@ def test_rerank_keeps_best_per_caption():
 
 def test_own_contrastive_reranker_scores_and_trains(tiny_models):
     """train-clip writes a loadable model; its reranker gives one finite score per image in [-1, 1]."""
-    from dalle_ds.sampling.rerank import load_reranker
-    from dalle_ds.train_clip import load_clip
+    from dalle_ds.rerank.io import load_clip
+    from dalle_ds.rerank.rerankers import load_reranker
 
     s = tiny_models["clip_summary"]
     assert s["step"] == 10 and 0.0 <= s["val_retrieval_top1"] <= 1.0
@@ -106,7 +113,7 @@ def test_text_tower_ignores_trailing_padding(text_layers):
     """A caption's embedding is the same alone and in a batch padded to a longer caption (the tower trims
     columns that are padding in every row)."""
     from dalle_ds.config import ClipConfig
-    from dalle_ds.contrastive import TextTower
+    from dalle_ds.rerank.contrastive import TextTower
 
     torch.manual_seed(0)
     tower = TextTower(ClipConfig(width=16, heads=2, text_layers=text_layers), vocab_size=40, text_len=11).eval()
@@ -115,7 +122,7 @@ def test_text_tower_ignores_trailing_padding(text_layers):
     for r, n in enumerate(lengths):
         ids[r, :n] = torch.randint(1, 40, (n,))
     batch = tower(ids)
-    alone = torch.cat([tower(ids[r:r + 1]) for r in range(len(lengths))])
+    alone = torch.cat([tower(ids[r : r + 1]) for r in range(len(lengths))])
     assert torch.allclose(batch, alone, atol=1e-5)
     assert tower(ids[:, :7]).shape == (5, 128) and torch.isfinite(tower(torch.zeros(2, 11, dtype=torch.long))).all()
 
@@ -125,8 +132,8 @@ def test_shape_stream_sees_a_shape_alike_in_every_colour():
     share of the projection, one shape in all six colours embeds identically and another shape differently.
     Without shape_stream the tower keeps the keys of checkpoints written before the option existed."""
     from dalle_ds.config import ClipConfig
-    from dalle_ds.contrastive import ImageTower
     from dalle_ds.data.shapes import COLOURS, ShapeSpec, render_scene
+    from dalle_ds.rerank.contrastive import ImageTower
 
     def images(shape: str) -> torch.Tensor:  # (6, 3, 24, 24): the shape in every palette colour
         scenes = [[ShapeSpec(colour=c, shape=shape, size="large", position="left")] for c in COLOURS]
@@ -138,26 +145,36 @@ def test_shape_stream_sees_a_shape_alike_in_every_colour():
         full = tower(images("cross"))
         tower.proj.weight[:, : tower.proj.in_features // 2] = 0  # the colour stack's columns come first
         cross, bar = tower(images("cross")), tower(images("bar"))
-    assert not torch.allclose(full[0], full[1], atol=1e-3)            # the whole tower tells colours apart
+    assert not torch.allclose(full[0], full[1], atol=1e-3)  # the whole tower tells colours apart
     assert torch.allclose(cross, cross[:1].expand_as(cross), atol=1e-5)  # the shape stack cannot
-    assert (cross - bar).abs().amax(1).min() > 1e-3                    # but tells shapes apart
+    assert (cross - bar).abs().amax(1).min() > 1e-3  # but tells shapes apart
     plain = ImageTower(ClipConfig(width=8, embed_dim=16)).state_dict()
     assert {k.split(".")[0] for k in plain} == {"net", "proj"} and "net.0.0.weight" in plain
 
 
 def test_hard_negative_batches_pair_one_word_neighbours():
-    from dalle_ds.train_clip import draw_batch, neighbour, neighbour_index
+    from dalle_ds.rerank.train import draw_batch, neighbour, neighbour_index
 
-    caps = ["a red square at the top", "a blue square at the top", "a red circle at the top",
-            "a red square at the left", "a big green bar", "a red square at the top"]
+    caps = [
+        "a red square at the top",
+        "a blue square at the top",
+        "a red circle at the top",
+        "a red square at the left",
+        "a big green bar",
+        "a red square at the top",
+    ]
     index = neighbour_index(caps)
     rng = np.random.default_rng(0)
     for _ in range(20):
         j = neighbour(0, caps, index, rng)
         assert j in (1, 2, 3)  # never item 5 (the same caption) nor item 4 (three words differ)
     assert neighbour(4, caps, index, rng) is None
-    grid = [f"a {c} {s} at the {p}" for c in ("red", "blue", "green", "cyan", "pink", "grey")
-            for s in ("square", "bar", "disc", "ring", "star") for p in ("top", "left", "centre")]
+    grid = [
+        f"a {c} {s} at the {p}"
+        for c in ("red", "blue", "green", "cyan", "pink", "grey")
+        for s in ("square", "bar", "disc", "ring", "star")
+        for p in ("top", "left", "centre")
+    ]
     gindex = neighbour_index(grid)
 
     def one_word_pairs(hard: float) -> float:
@@ -165,8 +182,9 @@ def test_hard_negative_batches_pair_one_word_neighbours():
         for seed in range(50):
             idx = draw_batch(len(grid), 8, np.random.default_rng(seed), grid, gindex, hard)
             assert len(set(idx.tolist())) == 8
-            hits += sum(sum(x != y for x, y in zip(grid[a].split(), grid[b].split())) == 1
-                        for a, b in idx.reshape(4, 2))
+            hits += sum(
+                sum(x != y for x, y in zip(grid[a].split(), grid[b].split())) == 1 for a, b in idx.reshape(4, 2)
+            )
         return hits / 200
 
     # a neighbour drawn that is already half of an earlier pair stays there: a rare miss
@@ -176,12 +194,29 @@ def test_hard_negative_batches_pair_one_word_neighbours():
 def test_sample_cli_open_clip_reranker(tiny_models, tmp_path, capsys):
     """`dalle-ds sample --open-clip CONFIG:CHECKPOINT` with the tiny open_clip fixture (tests/data/open_clip;
     its equality with open_clip itself is tests/sampling/test_open_clip.py): kept scores are the best per caption."""
-    from dalle_ds.sample import main
+    from dalle_ds.cli.sample import main
 
     data = Path(__file__).resolve().parents[1] / "data" / "open_clip"
-    main(["--prior", tiny_models["prior"], "--dvae", tiny_models["dvae"], "--caption", "a red square",
-          "--caption", "a blue circle", "--candidates", "3", "--keep", "2",
-          "--open-clip", f"{data / 'tiny.json'}:{data / 'tiny.pt'}", "--out", str(tmp_path / "s.png")])
+    main(
+        [
+            "--prior",
+            tiny_models["prior"],
+            "--dvae",
+            tiny_models["dvae"],
+            "--caption",
+            "a red square",
+            "--caption",
+            "a blue circle",
+            "--candidates",
+            "3",
+            "--keep",
+            "2",
+            "--open-clip",
+            f"{data / 'tiny.json'}:{data / 'tiny.pt'}",
+            "--out",
+            str(tmp_path / "s.png"),
+        ]
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["count"] == 4 and all(-1 <= s <= 1 for s in out["scores"])
     assert out["scores"][0] >= out["scores"][1] and out["scores"][2] >= out["scores"][3]
@@ -191,26 +226,82 @@ def test_sample_cli_open_clip_reranker(tiny_models, tmp_path, capsys):
 def test_sample_cli_candidates_keep_and_prime(tiny_models, tmp_path, capsys):
     from PIL import Image
 
-    from dalle_ds.sample import main
+    from dalle_ds.cli.sample import main
+
     img = tmp_path / "p.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8)).save(img)
-    main(["--prior", tiny_models["prior"], "--dvae", tiny_models["dvae"], "--caption", "a red square",
-          "--caption", "a blue circle", "--candidates", "4", "--keep", "2", "--clip", tiny_models["clip"],
-          "--prime-image", str(img), "--prime-rows", "1", "--out", str(tmp_path / "s.png")])
+    main(
+        [
+            "--prior",
+            tiny_models["prior"],
+            "--dvae",
+            tiny_models["dvae"],
+            "--caption",
+            "a red square",
+            "--caption",
+            "a blue circle",
+            "--candidates",
+            "4",
+            "--keep",
+            "2",
+            "--clip",
+            tiny_models["clip"],
+            "--prime-image",
+            str(img),
+            "--prime-rows",
+            "1",
+            "--out",
+            str(tmp_path / "s.png"),
+        ]
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["count"] == 4 and len(out["scores"]) == 4
     assert out["scores"][0] >= out["scores"][1] and out["scores"][2] >= out["scores"][3]
     assert (tmp_path / "s.png").exists()
     with pytest.raises(SystemExit):
-        main(["--prior", tiny_models["prior"], "--dvae", tiny_models["dvae"], "--caption", "x",
-              "--candidates", "2", "--keep", "3", "--clip", tiny_models["clip"]])
+        main(
+            [
+                "--prior",
+                tiny_models["prior"],
+                "--dvae",
+                tiny_models["dvae"],
+                "--caption",
+                "x",
+                "--candidates",
+                "2",
+                "--keep",
+                "3",
+                "--clip",
+                tiny_models["clip"],
+            ]
+        )
 
 
 def test_eval_cli_writes_json_and_plot(tiny_models, tmp_path):
     """`dalle-ds eval` on the tiny model: FID per radius, contrastive scores, composition with/without rerank."""
     from dalle_ds.cli import main
-    main(["eval", "--prior", tiny_models["prior"], "--dvae", tiny_models["dvae"], "--clip", tiny_models["clip"],
-          "--n", "3", "--radii", "0", "--heldout", "2", "--candidates", "2", "--out", str(tmp_path / "ev")])
+
+    main(
+        [
+            "eval",
+            "--prior",
+            tiny_models["prior"],
+            "--dvae",
+            tiny_models["dvae"],
+            "--clip",
+            tiny_models["clip"],
+            "--n",
+            "3",
+            "--radii",
+            "0",
+            "--heldout",
+            "2",
+            "--candidates",
+            "2",
+            "--out",
+            str(tmp_path / "ev"),
+        ]
+    )
     r = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert set(r["fid"]) == {"0"} and all(v >= 0 for v in r["fid"].values())
     assert -1 <= r["mean_contrastive_score"] <= 1 and r["n_fake"] == 3

@@ -1,4 +1,5 @@
 """Activation checkpointing of resblocks every N layers: same gradients, layers recomputed, cache path untouched."""
+
 import copy
 
 import torch

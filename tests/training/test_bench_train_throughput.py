@@ -4,6 +4,7 @@ Run with `pytest -m bench tests/training/test_bench_train_throughput.py -s`. Pri
 bench_results/train_throughput.json. Tokens per step = micro-batch x (text_len + 32*32). One row per
 attention backend (`dense`: SDPA with the boolean mask; `sparse`: the PyTorch block-gather path).
 """
+
 import json
 import platform
 import time
@@ -28,10 +29,17 @@ def test_bench_small_prior_training_throughput(backend):
     cfg = get_preset("small").prior
     cfg.attention_backend = backend
     torch.manual_seed(0)
-    ds_cfg = load_ds_config({"train_micro_batch_size_per_gpu": MICRO, "gradient_clipping": 4.0,
-                             "zero_optimization": {"stage": 0}, "steps_per_print": 10**9})
-    engine = build_engine(Prior(cfg), ds_cfg, lr=1e-4, betas=(0.9, 0.96), eps=1e-8, weight_decay=0.045,
-                          lr_lambda=lambda s: 1.0)
+    ds_cfg = load_ds_config(
+        {
+            "train_micro_batch_size_per_gpu": MICRO,
+            "gradient_clipping": 4.0,
+            "zero_optimization": {"stage": 0},
+            "steps_per_print": 10**9,
+        }
+    )
+    engine = build_engine(
+        Prior(cfg), ds_cfg, lr=1e-4, betas=(0.9, 0.96), eps=1e-8, weight_decay=0.045, lr_lambda=lambda s: 1.0
+    )
     text = torch.randint(1, cfg.text_vocab_size, (MICRO, cfg.text_len))
     image = torch.randint(0, cfg.image_vocab_size, (MICRO, cfg.image_len))
     times = []
@@ -44,9 +52,17 @@ def test_bench_small_prior_training_throughput(backend):
             times.append(time.perf_counter() - t0)
     step_s = sorted(times)[len(times) // 2]
     tokens = MICRO * cfg.seq_len
-    row = {"preset": "small", "backend": backend, "micro_batch": MICRO, "seq_len": cfg.seq_len,
-           "params": sum(p.numel() for p in engine.module.parameters()), "median_step_s": step_s,
-           "tokens_per_s": tokens / step_s, "threads": torch.get_num_threads(), "machine": platform.machine()}
+    row = {
+        "preset": "small",
+        "backend": backend,
+        "micro_batch": MICRO,
+        "seq_len": cfg.seq_len,
+        "params": sum(p.numel() for p in engine.module.parameters()),
+        "median_step_s": step_s,
+        "tokens_per_s": tokens / step_s,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
     print(f"\n{'preset':8s} {'backend':8s} {'seq':>6s} {'step s':>8s} {'tokens/s':>10s}")
     print(f"{'small':8s} {backend:8s} {cfg.seq_len:6d} {step_s:8.3f} {row['tokens_per_s']:10.0f}")
     OUT.parent.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,13 @@
 """PowerSGD and 1-bit compressors with error feedback, between 2 real gloo processes acting as 2 nodes."""
+
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import subprocess
-import sys
 
 from dalle_ds.training.compression import OneBit, PowerSGD, orthogonalise, pack_signs, unpack_signs
 
@@ -48,9 +49,20 @@ def _worker(rank, world, port, kind, out_dir):
             target = u @ v
             dist.all_reduce(target)
             low = (low_out - target / world).abs().max().item()
-        torch.save({"outs": outs, "sum_out": sum(outs), "true_sum": true_sum, "mean_err": err / world,
-                    "nxt": nxt, "nxt2": nxt2, "bytes": comp.bytes_sent, "unc": comp.bytes_uncompressed,
-                    "low": low}, f"{out_dir}/r{rank}.pt")
+        torch.save(
+            {
+                "outs": outs,
+                "sum_out": sum(outs),
+                "true_sum": true_sum,
+                "mean_err": err / world,
+                "nxt": nxt,
+                "nxt2": nxt2,
+                "bytes": comp.bytes_sent,
+                "unc": comp.bytes_uncompressed,
+                "low": low,
+            },
+            f"{out_dir}/r{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -61,8 +73,13 @@ def test_error_feedback_replicas_and_state(tmp_path, kind):
     nothing); the state dict resumes exactly; fewer bytes than fp32."""
     # Fresh interpreters: this pytest process may already hold a default process group from other tests.
     port = str(_port())
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), "2", port, kind, str(tmp_path)],
-                              env=dict(os.environ, OMP_NUM_THREADS="1")) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(r), "2", port, kind, str(tmp_path)],
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )
+        for r in (0, 1)
+    ]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     r0, r1 = (torch.load(tmp_path / f"r{i}.pt") for i in (0, 1))
     assert all(torch.equal(a, b) for a, b in zip(r0["outs"], r1["outs"]))
@@ -95,7 +112,11 @@ def test_sign_packing_is_one_bit_per_element_and_round_trips():
 def test_batched_exchange_equals_one_tensor_at_a_time():
     """One process: exchanging several tensors in one call gives what separate calls give (1-bit exactly)."""
     g = torch.Generator().manual_seed(0)
-    items = [("a", torch.randn(8, 6, generator=g)), ("b", torch.randn(5, generator=g)), ("c", torch.randn(4, 4, generator=g))]
+    items = [
+        ("a", torch.randn(8, 6, generator=g)),
+        ("b", torch.randn(5, generator=g)),
+        ("c", torch.randn(4, 4, generator=g)),
+    ]
     one, many = OneBit(), OneBit()
     together = many.exchange(items)
     apart = [one.allreduce_mean(n, t) for n, t in items]

@@ -1,10 +1,9 @@
 """Every file in ds_configs/ goes through DeepSpeed's own config parser (unknown keys are errors there) and
 says what its name says; the CPU offload config trains under a real ZeRO-3 engine."""
+
 import json
-from pathlib import Path
 
 import pytest
-
 from helpers import REPO
 
 CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
@@ -12,7 +11,7 @@ EXPECT = {  # file -> (ZeRO stage, precision, optimizer offload, ZeRO++ hpZ part
     "cpu_zero0_fp32.json": (0, "fp32", None, 1, False, False),
     "cpu_zero3_fp32.json": (3, "fp32", None, 1, False, False),
     "cpu_zero3_offload_fp32.json": (3, "fp32", "cpu", 1, False, False),
-    "demo_dvae.json": (0, None, None, 1, False, False),   # precision is the demo's choice
+    "demo_dvae.json": (0, None, None, 1, False, False),  # precision is the demo's choice
     "demo_prior.json": (0, None, None, 1, False, False),
     "gpu_zero2_bf16.json": (2, "bf16", None, 1, False, False),
     "gpu_zero3_bf16.json": (3, "bf16", None, 1, False, False),
@@ -56,12 +55,17 @@ def test_parser_rejects_unknown_keys():
 def test_cpu_offload_config_trains(tmp_path, tiny_cfg):
     """ZeRO-3 with the optimizer offloaded to CPU (the client AdamW, zero_force_ds_cpu_optimizer=false)."""
     from helpers import make_encoded_dataset
+
     from dalle_ds.config import apply_overrides
-    from dalle_ds.train_prior import train_prior
+    from dalle_ds.prior.train import train_prior
 
     data = make_encoded_dataset(tmp_path / "data", tiny_cfg)
-    s = train_prior(apply_overrides(tiny_cfg, ["prior_train.steps=3", "prior_train.eval_every=0"]),
-                    ds_config=REPO / "ds_configs" / "cpu_zero3_offload_fp32.json", data_dir=data,
-                    out_dir=tmp_path / "run", progress=False)
+    s = train_prior(
+        apply_overrides(tiny_cfg, ["prior_train.steps=3", "prior_train.eval_every=0"]),
+        ds_config=REPO / "ds_configs" / "cpu_zero3_offload_fp32.json",
+        data_dir=data,
+        out_dir=tmp_path / "run",
+        progress=False,
+    )
     losses = [h["loss"] for h in s["history"]]
     assert len(losses) == 3 and all(x == x for x in losses)

@@ -1,16 +1,18 @@
 """dVAE training under a DeepSpeed engine (map-style and streamed data), export, and encoding to a
 `datasets` dataset."""
+
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-
 from helpers import write_ds_config
+
 from dalle_ds.config import apply_overrides
-from dalle_ds.data.encode import encode_to_disk, load_encoded
-from dalle_ds.train_dvae import load_dvae, train_dvae
+from dalle_ds.data.encode_grids import encode_to_disk, load_encoded
+from dalle_ds.dvae.io import load_dvae
+from dalle_ds.dvae.train import train_dvae
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "data"))  # dirty.py: bad-file folders
 
@@ -18,10 +20,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "data"))  # dirt
 def test_train_export_encode(tmp_path, tiny_cfg):
     """Train the tiny dVAE a few steps, reload the EMA export without DeepSpeed, and encode both splits to
     uint16 token grids whose ids lie in the codebook."""
-    cfg = apply_overrides(tiny_cfg, ["dvae_train.steps=6", "dvae_train.log_every=2", "data.num_train=48",
-                                     "data.num_val=8"])
-    s = train_dvae(cfg, ds_config=write_ds_config(tmp_path / "ds.json", micro=8, stage=0),
-                   out_dir=tmp_path / "dvae", progress=False)
+    cfg = apply_overrides(
+        tiny_cfg, ["dvae_train.steps=6", "dvae_train.log_every=2", "data.num_train=48", "data.num_val=8"]
+    )
+    s = train_dvae(
+        cfg,
+        ds_config=write_ds_config(tmp_path / "ds.json", micro=8, stage=0),
+        out_dir=tmp_path / "dvae",
+        progress=False,
+    )
     assert s["step"] == 6 and np.isfinite(s["recon_psnr"])
     assert [h["step"] for h in s["history"]] == [2, 4, 6]
     assert {"temperature", "kl_weight", "nll", "kl", "lr"} <= set(s["history"][-1])
@@ -29,10 +36,11 @@ def test_train_export_encode(tmp_path, tiny_cfg):
     assert saved.dvae == cfg.dvae
     encode_to_disk(dvae, cfg, tmp_path / "tokens")
     caps, toks = load_encoded(tmp_path / "tokens", "train")
-    assert len(caps) == 48 and toks.shape == (48, cfg.dvae.grid_size ** 2)
+    assert len(caps) == 48 and toks.shape == (48, cfg.dvae.grid_size**2)
     assert int(toks.min()) >= 0 and int(toks.max()) < cfg.dvae.vocab_size
     # the stored grids are exactly the argmax encoding of the images
     from dalle_ds.data.sources import image_dataset
+
     x = image_dataset(cfg.data, "train")[0]["image"][None].float() / 255
     assert torch.equal(dvae.encode(x).flatten(1)[0], toks[0])
 
@@ -49,9 +57,19 @@ def test_resume_skips_finished_steps(tmp_path, tiny_cfg):
 
 # --- streamed training (data.streaming): a folder with bad files, exact resume, two ranks -----------------
 
+
 def _stream_cfg(tiny_cfg, folder, *extra):
-    return apply_overrides(tiny_cfg, ["data.dataset=folder", f"data.path={folder}", "data.streaming=true",
-                                      "data.val_fraction=0.2", "dvae_train.log_every=1", *extra])
+    return apply_overrides(
+        tiny_cfg,
+        [
+            "data.dataset=folder",
+            f"data.path={folder}",
+            "data.streaming=true",
+            "data.val_fraction=0.2",
+            "dvae_train.log_every=1",
+            *extra,
+        ],
+    )
 
 
 def _expected_digest(cfg, n_items, rank=0, world=1):
@@ -73,8 +91,9 @@ def test_streamed_training_over_dirty_folder_logs_counts(tmp_path, tiny_cfg, cap
 
     expected = make_dirty_folder(tmp_path / "dirty", n_good=10)
     cfg = _stream_cfg(tiny_cfg, tmp_path / "dirty", "dvae_train.steps=5")
-    s = train_dvae(cfg, ds_config=write_ds_config(tmp_path / "ds.json", micro=4, stage=0),
-                   out_dir=tmp_path / "run", progress=False)
+    s = train_dvae(
+        cfg, ds_config=write_ds_config(tmp_path / "ds.json", micro=4, stage=0), out_dir=tmp_path / "run", progress=False
+    )
     assert s["step"] == 5 and np.isfinite(s["recon_psnr"])
     rep = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert rep == s["data_report"] and rep["stream_ranks"][0]["epoch"] >= 1  # 20 items > one epoch
@@ -109,13 +128,21 @@ def test_streamed_resume_reads_the_same_items_and_loss_curve(tmp_path, tiny_cfg,
 def test_two_rank_stream_reads_disjoint_items(tmp_path, tiny_cfg):
     """`deepspeed --num_gpus 2`: each rank streams its own shard of the folder; the items read are the
     expected ones per rank and no item is read by both."""
-    from helpers import launch_deepspeed
     from dirty import make_dirty_folder
+    from helpers import launch_deepspeed
 
     make_dirty_folder(tmp_path / "dirty", n_good=10)
     steps = 3
-    launch_deepspeed(2, 29741, "run_tiny_dvae_stream.py", tmp_path / "dirty", tmp_path / "two",
-                     write_ds_config(tmp_path / "ds.json", micro=2, stage=0), steps, timeout=300)
+    launch_deepspeed(
+        2,
+        29741,
+        "run_tiny_dvae_stream.py",
+        tmp_path / "dirty",
+        tmp_path / "two",
+        write_ds_config(tmp_path / "ds.json", micro=2, stage=0),
+        steps,
+        timeout=300,
+    )
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert len(summary["losses"]) == steps
     ranks = summary["data_report"]["stream_ranks"]

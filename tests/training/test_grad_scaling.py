@@ -1,5 +1,6 @@
 """Per-resblock gradient scaling (PAPER §4.2): exact when nothing overflows, the inf/NaN filter, the policy,
 and the fp16 underflow experiment that motivates it."""
+
 import copy
 import math
 
@@ -9,6 +10,7 @@ import torch
 from dalle_ds.config import load_config
 from dalle_ds.prior.model import Prior
 from dalle_ds.training.grad_scaling import ResblockGradScaler, ScalingPolicy, prior_blocks, scaler_for
+from dalle_ds.training.step_pipeline import StepPipeline
 
 
 def _cfg():
@@ -18,8 +20,13 @@ def _cfg():
 def _batches(cfg, n, micro=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     p = cfg.prior
-    return [(torch.randint(1, p.text_vocab_size, (micro, p.text_len), generator=g),
-             torch.randint(0, p.image_vocab_size, (micro, p.image_len), generator=g)) for _ in range(n)]
+    return [
+        (
+            torch.randint(1, p.text_vocab_size, (micro, p.text_len), generator=g),
+            torch.randint(0, p.image_vocab_size, (micro, p.image_len), generator=g),
+        )
+        for _ in range(n)
+    ]
 
 
 def _engine(model, stage):
@@ -27,13 +34,18 @@ def _engine(model, stage):
     from dalle_ds.training.engine import build_engine
 
     init_distributed()
-    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 4.0,
-          "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
+    ds = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 4.0,
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+    }
     if stage == 3:
-        ds["zero_optimization"].update(stage3_param_persistence_threshold=0, overlap_comm=False,
-                                       contiguous_gradients=False)
-    return build_engine(model, ds, lr=1e-3, betas=(0.9, 0.96), eps=1e-8, weight_decay=0.045,
-                        lr_lambda=lambda s: 1.0)
+        ds["zero_optimization"].update(
+            stage3_param_persistence_threshold=0, overlap_comm=False, contiguous_gradients=False
+        )
+    return build_engine(model, ds, lr=1e-3, betas=(0.9, 0.96), eps=1e-8, weight_decay=0.045, lr_lambda=lambda s: 1.0)
 
 
 def _full_params(engine):
@@ -42,15 +54,16 @@ def _full_params(engine):
     return gathered_state_dict(engine.module)
 
 
-def _train(engine, batches, inject=None):
+def _train(engine, batches, inject=None, scaler=None):
+    """Train on `batches`; with a scaler, through a step pipeline that holds it."""
     losses = []
+    steps = StepPipeline(engine, [scaler] if scaler is not None else [])
     for i, (text, image) in enumerate(batches):
-        scaler = getattr(engine, "grad_scaler", None)
         if scaler is not None:
             scaler.inject = dict(inject[i]) if inject and i in inject else {}
         loss, _ = engine(text, image)
         engine.backward(loss)
-        engine.step()
+        steps.step()
         losses.append(loss.item())
     return losses
 
@@ -66,12 +79,12 @@ def test_pow2_scaling_is_bit_identical_in_fp32(stage):
     plain = _engine(copy.deepcopy(base), stage)
     scaled = _engine(copy.deepcopy(base), stage)
     scaler = scaler_for(scaled, scaled.module, ScalingPolicy(mode="pow2", init_log2=6, min_log2=0, growth_interval=1))
-    l_plain, l_scaled = _train(plain, batches), _train(scaled, batches)
+    l_plain, l_scaled = _train(plain, batches), _train(scaled, batches, scaler=scaler)
     assert l_plain == l_scaled
     a, b = _full_params(plain), _full_params(scaled)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["blocks.0.mlp_branch.fc.weight"], base.state_dict()["blocks.0.mlp_branch.fc.weight"])
-    assert scaler.scales == [2.0 ** 10] * 2 * cfg.prior.n_layers  # grew every clean step
+    assert scaler.scales == [2.0**10] * 2 * cfg.prior.n_layers  # grew every clean step
     # and the scale really reached the branch: a scaler with unscaling disabled changes the gradients
     m = copy.deepcopy(base)
     s = ResblockGradScaler(prior_blocks(m), ScalingPolicy(init_log2=6, min_log2=0), unscale_params="defer")
@@ -110,7 +123,7 @@ def test_filter_confines_a_fault_to_its_block(where, value):
     assert s_clean.nonfinite_blocks() == []
     assert s_faulty.nonfinite_blocks() == [k]
     s_faulty.update([k])
-    assert s_faulty.scales[k] == 2.0 ** 3 and all(s == 2.0 ** 4 for i, s in enumerate(s_faulty.scales) if i != k)
+    assert s_faulty.scales[k] == 2.0**3 and all(s == 2.0**4 for i, s in enumerate(s_faulty.scales) if i != k)
     names = s_faulty.names
     for n in gc:
         owner = next((i for i, b in enumerate(names) if n.startswith(b + ".")), None)
@@ -131,24 +144,27 @@ def test_engine_recovers_from_an_injected_overflow(stage, policy):
     cfg = _cfg()
     torch.manual_seed(0)
     engine = _engine(Prior(cfg.prior), stage)
-    scaler = scaler_for(engine, engine.module, ScalingPolicy(mode="pow2", init_log2=4, min_log2=0,
-                                                             growth_interval=10**6, on_nonfinite=policy))
+    scaler = scaler_for(
+        engine,
+        engine.module,
+        ScalingPolicy(mode="pow2", init_log2=4, min_log2=0, growth_interval=10**6, on_nonfinite=policy),
+    )
     batches = _batches(cfg, 5)
     k = 2
-    _train(engine, batches[:2])
+    _train(engine, batches[:2], scaler=scaler)
     before = _full_params(engine)
-    _train(engine, batches[2:3], inject={0: {k: ("activation", math.nan)}})
+    _train(engine, batches[2:3], inject={0: {k: ("activation", math.nan)}}, scaler=scaler)
     after = _full_params(engine)
     assert all(v.isfinite().all() for v in after.values())
     assert scaler.last_bad == [k]
-    assert scaler.scales[k] == 2.0 ** 3 and all(s == 2.0 ** 4 for i, s in enumerate(scaler.scales) if i != k)
+    assert scaler.scales[k] == 2.0**3 and all(s == 2.0**4 for i, s in enumerate(scaler.scales) if i != k)
     if policy == "skip":
         assert scaler.skipped == 1
         assert all(torch.equal(before[n], after[n]) for n in before)
     else:
         assert scaler.skipped == 0
         assert not torch.equal(before["blocks.0.mlp_branch.fc.weight"], after["blocks.0.mlp_branch.fc.weight"])
-    losses = _train(engine, batches[3:])
+    losses = _train(engine, batches[3:], scaler=scaler)
     final = _full_params(engine)
     assert all(math.isfinite(x) for x in losses) and scaler.last_bad == []
     assert not torch.equal(after["head.weight"], final["head.weight"])
@@ -159,20 +175,20 @@ def test_paper_policy_window_growth_and_clamp():
     start M·2^13; the state round-trips through state_dict."""
     pol = ScalingPolicy(mode="paper", world=8)
     s = ResblockGradScaler([("a", torch.nn.Linear(2, 2)), ("b", torch.nn.Linear(2, 2))], pol)
-    assert s.scales == [8 * 2.0 ** 13] * 2
+    assert s.scales == [8 * 2.0**13] * 2
     s.update([0])
-    assert s.scales[0] == pytest.approx(8 * 2 ** 13 / math.sqrt(2))
-    assert s.scales[1] == pytest.approx(8 * 2 ** 13 * 2 ** 0.001)
+    assert s.scales[0] == pytest.approx(8 * 2**13 / math.sqrt(2))
+    assert s.scales[1] == pytest.approx(8 * 2**13 * 2**0.001)
     for _ in range(10):
         s.update([0])  # inside the window: flagged (and skipped) but no second division
-    assert s.scales[0] == pytest.approx(8 * 2 ** 13 / math.sqrt(2))
+    assert s.scales[0] == pytest.approx(8 * 2**13 / math.sqrt(2))
     for _ in range(114):
         s.update([])
     s.update([0])  # step 125 after the first back-off: divides again
-    assert s.scales[0] == pytest.approx(8 * 2 ** 13 / 2 * 2 ** (114 / 1000))
+    assert s.scales[0] == pytest.approx(8 * 2**13 / 2 * 2 ** (114 / 1000))
     for _ in range(12000):
         s.update([])
-    assert s.scales[1] == 8 * 2.0 ** 24  # clamped
+    assert s.scales[1] == 8 * 2.0**24  # clamped
     t = ResblockGradScaler([("a", torch.nn.Linear(2, 2)), ("b", torch.nn.Linear(2, 2))], pol)
     t.load_state_dict(s.state_dict())
     assert t.scales == s.scales and t.state_dict() == s.state_dict()
@@ -180,6 +196,7 @@ def test_paper_policy_window_growth_and_clamp():
 
 # ----------------------------------------------------------------------------------------------
 # The paper's claim, small: fp16 gradients of late resblocks underflow under one global loss scale
+
 
 class _Branch(torch.nn.Module):
     """Pre-LN fp16 MLP branch; returns fp32 to the fp32 identity stream."""
@@ -216,14 +233,14 @@ def underflow_experiment(depth=48, d=32, gain=2.0, batch=64, seed=0):
     model = _Stack(depth, d, gain)
     x = torch.randn(batch, d)
     r = torch.randn(batch, d)
-    final_grad = 2.0 ** -40  # loss divided by a large global batch (PAPER §4.3)
+    final_grad = 2.0**-40  # loss divided by a large global batch (PAPER §4.3)
 
     def loss_of(m):
         return (m(x) * r).sum() * final_grad
 
     ref = copy.deepcopy(model).double()
     for b in ref.branches:
-        b.forward = (lambda bb: (lambda z: bb.proj(torch.nn.functional.gelu(bb.fc(bb.ln(z))))))(b)
+        b.forward = (lambda bb: lambda z: bb.proj(torch.nn.functional.gelu(bb.fc(bb.ln(z)))))(b)
     (ref(x.double()) * r.double()).sum().mul(final_grad).backward()
     late = range(3 * depth // 4, depth)
 
@@ -240,7 +257,7 @@ def underflow_experiment(depth=48, d=32, gain=2.0, batch=64, seed=0):
         return [[p.grad for p in b.parameters() if p.dim() == 2] for b in m.branches]
 
     # one global loss scale: the largest power of two that does not overflow any fp16 gradient
-    S = 2.0 ** 40
+    S = 2.0**40
     while True:
         m = copy.deepcopy(model)
         (loss_of(m) * S).backward()
@@ -251,8 +268,9 @@ def underflow_experiment(depth=48, d=32, gain=2.0, batch=64, seed=0):
     # per-resblock scales (parameter gradients stay scaled in fp16 storage, unscaled in fp32 later)
     m = copy.deepcopy(model)
     blocks = [(f"b{i}", b) for i, b in enumerate(m.branches)]
-    scaler = ResblockGradScaler(blocks, ScalingPolicy(mode="pow2", init_log2=50, min_log2=-24, max_log2=60),
-                                unscale_params="defer")
+    scaler = ResblockGradScaler(
+        blocks, ScalingPolicy(mode="pow2", init_log2=50, min_log2=-24, max_log2=60), unscale_params="defer"
+    )
     for _ in range(64):
         m.zero_grad()
         loss_of(m).backward()
@@ -260,8 +278,10 @@ def underflow_experiment(depth=48, d=32, gain=2.0, batch=64, seed=0):
         scaler.update(bad)
         if not bad:
             break
-    per_block = [[g for g, p in zip(gs, [p for p in b.parameters()]) if p.dim() == 2]
-                 for gs, b in zip(scaler.fp32_grads(), m.branches)]
+    per_block = [
+        [g for g, p in zip(gs, [p for p in b.parameters()]) if p.dim() == 2]
+        for gs, b in zip(scaler.fp32_grads(), m.branches)
+    ]
     per_frac = flushed([[p.grad for p in b.parameters() if p.dim() == 2] for b in m.branches])
     assert all(torch.isfinite(g).all() for gs in per_block for g in gs)
     # the same scales, but parameter gradients unscaled inside the fp16 tensor hook (unscale_params="hook", what
@@ -271,9 +291,13 @@ def underflow_experiment(depth=48, d=32, gain=2.0, batch=64, seed=0):
     s2.scales = list(scaler.scales)
     loss_of(m2).backward()
     hook_frac = flushed(weight_grads(m2))
-    return {"hook_unscaled_fp16_flushed": hook_frac, "global_scale_log2": math.log2(S),
-            "global_flushed": global_frac, "per_resblock_flushed": per_frac,
-            "scale_log2_first_last": (math.log2(scaler.scales[0]), math.log2(scaler.scales[-1]))}
+    return {
+        "hook_unscaled_fp16_flushed": hook_frac,
+        "global_scale_log2": math.log2(S),
+        "global_flushed": global_frac,
+        "per_resblock_flushed": per_frac,
+        "scale_log2_first_last": (math.log2(scaler.scales[0]), math.log2(scaler.scales[-1])),
+    }
 
 
 def test_fp16_underflow_global_vs_per_resblock(capsys):
@@ -294,10 +318,11 @@ def test_zero_block_under_zero3_zeroes_exactly_that_blocks_shards():
     cfg = _cfg()
     torch.manual_seed(0)
     engine = _engine(Prior(cfg.prior), 3)
-    scaler = scaler_for(engine, engine.module, ScalingPolicy(mode="pow2", init_log2=4, min_log2=0,
-                                                             on_nonfinite="zero_block"))
+    scaler = scaler_for(
+        engine, engine.module, ScalingPolicy(mode="pow2", init_log2=4, min_log2=0, on_nonfinite="zero_block")
+    )
     before = _full_params(engine)
-    _train(engine, _batches(cfg, 1), inject={0: {3: ("activation", math.inf)}})
+    _train(engine, _batches(cfg, 1), inject={0: {3: ("activation", math.inf)}}, scaler=scaler)
     after = _full_params(engine)
     k = "blocks.1.mlp_branch."
     for n in before:
@@ -311,6 +336,7 @@ def test_zero_block_under_zero3_zeroes_exactly_that_blocks_shards():
 
 # ----------------------------------------------------------------------------------------------
 # Parameter gradients stay scaled through ZeRO's reduce and are unscaled on the local shards (§5.4 step 1)
+
 
 def _spy_partitions(engine, names):
     """Record, per parameter name, the reduce-scattered gradient partitions ZeRO-3 hands to partition_grads."""
@@ -338,9 +364,11 @@ def test_param_grads_reach_zero3_reduce_scaled_and_step_unscaled():
     torch.manual_seed(0)
     base = Prior(cfg.prior)
     plain, scaled = _engine(copy.deepcopy(base), 3), _engine(copy.deepcopy(base), 3)
-    scaler = scaler_for(scaled, scaled.module, ScalingPolicy(mode="pow2", init_log2=20, min_log2=0,
-                                                             growth_interval=10**6))
-    assert scaler.scales[3] == 2.0 ** 20
+    scaler = scaler_for(
+        scaled, scaled.module, ScalingPolicy(mode="pow2", init_log2=20, min_log2=0, growth_interval=10**6)
+    )
+    scaled_steps = StepPipeline(scaled, [scaler])
+    assert scaler.scales[3] == 2.0**20
     names = ["blocks.1.mlp_branch.fc.weight", "blocks.0.attn_branch.ln.weight", "head.weight"]
     seen_p, seen_s = _spy_partitions(plain, names), _spy_partitions(scaled, names)
     for text, image in _batches(cfg, 3):
@@ -351,13 +379,13 @@ def test_param_grads_reach_zero3_reduce_scaled_and_step_unscaled():
             # between backward and step: the local shard ZeRO-3 stores (what step reads)
             shards.append({n: safe_get_local_grad(p).clone() for n, p in eng.module.named_parameters() if n in names})
         for n in names:
-            factor = 1.0 if n == "head.weight" else 2.0 ** 20  # the head is outside every resblock
+            factor = 1.0 if n == "head.weight" else 2.0**20  # the head is outside every resblock
             assert torch.equal(shards[1][n], shards[0][n] * factor), n
             assert shards[0][n].abs().max() > 0, n
         plain.step()
-        scaled.step()
+        scaled_steps.step()
     for n in names:
-        factor = 1.0 if n == "head.weight" else 2.0 ** 20
+        factor = 1.0 if n == "head.weight" else 2.0**20
         assert len(seen_s[n]) == len(seen_p[n]) > 0
         assert all(torch.equal(s, p * factor) for s, p in zip(seen_s[n], seen_p[n])), n
     a, b = _full_params(plain), _full_params(scaled)

@@ -1,12 +1,13 @@
 """ZeRO-3 within simulated nodes, compressed gradient exchange between them, under real DeepSpeed engines
 (`deepspeed --num_gpus N` on CPU ranks, as test_prior_training.py launches them)."""
+
 import json
 import time
 
 import pytest
 import torch
-
 from helpers import launch_deepspeed, make_encoded_dataset, write_ds_config
+
 from dalle_ds.config import ConfigError, load_config
 from dalle_ds.training.node_groups import resolve_ranks_per_node
 
@@ -39,9 +40,19 @@ def test_two_nodes_of_two_compress_and_stay_identical(tmp_path):
     cfg = load_config("tiny", overrides=["prior.d_model=128"])
     data = make_encoded_dataset(tmp_path / "data", cfg)
     steps = 24
-    wall = _launch(4, 29751, "run_node_exchange.py", data, tmp_path, write_ds_config(tmp_path / "z3.json", micro=4, stage=3),
-                   steps, "none,fp32,powersgd,onebit", "prior.d_model=128", "prior_train.ranks_per_node=2",
-                   "prior_train.powersgd_rank=4")
+    wall = _launch(
+        4,
+        29751,
+        "run_node_exchange.py",
+        data,
+        tmp_path,
+        write_ds_config(tmp_path / "z3.json", micro=4, stage=3),
+        steps,
+        "none,fp32,powersgd,onebit",
+        "prior.d_model=128",
+        "prior_train.ranks_per_node=2",
+        "prior_train.powersgd_rank=4",
+    )
     runs = {k: json.loads((tmp_path / k / "summary.json").read_text()) for k in ("none", "fp32", "powersgd", "onebit")}
     base = runs["none"]["losses"][-1]
     assert torch.allclose(torch.tensor(runs["fp32"]["losses"]), torch.tensor(runs["none"]["losses"]), rtol=1e-4)
@@ -50,8 +61,10 @@ def test_two_nodes_of_two_compress_and_stay_identical(tmp_path):
     for kind in ("powersgd", "onebit"):
         last = runs[kind]["last"]
         loss = runs[kind]["losses"][-1]
-        print(f"{kind}: bytes between nodes {last['comm/bytes_between_nodes']:.0f} / fp32 {last['comm/bytes_fp32']:.0f}"
-              f" = {last['comm/ratio']:.4f}; final loss {loss:.4f} ({100 * (loss / base - 1):+.2f}%)")
+        print(
+            f"{kind}: bytes between nodes {last['comm/bytes_between_nodes']:.0f} / fp32 {last['comm/bytes_fp32']:.0f}"
+            f" = {last['comm/ratio']:.4f}; final loss {loss:.4f} ({100 * (loss / base - 1):+.2f}%)"
+        )
         assert len(runs[kind]["losses"]) == steps
         assert last["comm/ratio"] <= 0.1
         assert last["comm/replicas_identical"] == 1.0
@@ -70,14 +83,28 @@ def test_two_nodes_of_one_with_everything_on_resume_exactly(tmp_path):
     curve exactly, so the compressor's error buffers and Q came back from the checkpoint."""
     cfg = load_config("tiny")
     data = make_encoded_dataset(tmp_path / "data", cfg)
-    wall = _launch(2, 29752, "run_all_features.py", data, tmp_path, write_ds_config(tmp_path / "z3.json", micro=8, stage=3),
-                   8, "prior_train.compression=powersgd", "prior_train.ranks_per_node=1", "prior_train.powersgd_rank=4",
-                   "prior_train.powersgd_fixed_q=false", "prior_train.grad_scaling=pow2",
-                   "prior_train.activation_checkpoint_every=1", "prior_train.ema_decay=0.9")
+    wall = _launch(
+        2,
+        29752,
+        "run_all_features.py",
+        data,
+        tmp_path,
+        write_ds_config(tmp_path / "z3.json", micro=8, stage=3),
+        8,
+        "prior_train.compression=powersgd",
+        "prior_train.ranks_per_node=1",
+        "prior_train.powersgd_rank=4",
+        "prior_train.powersgd_fixed_q=false",
+        "prior_train.grad_scaling=pow2",
+        "prior_train.activation_checkpoint_every=1",
+        "prior_train.ema_decay=0.9",
+    )
     s = json.loads((tmp_path / "summary.json").read_text())
     losses = lambda hist: [h["loss"] for h in hist]  # noqa: E731
-    print(f"\n2 ranks = 2 nodes x 1, everything on, wall {wall:.0f} s: losses {losses(s['full'])}; "
-          f"ratio {s['full'][-1]['comm/ratio']:.4f}")
+    print(
+        f"\n2 ranks = 2 nodes x 1, everything on, wall {wall:.0f} s: losses {losses(s['full'])}; "
+        f"ratio {s['full'][-1]['comm/ratio']:.4f}"
+    )
     assert losses(s["first"]) + losses(s["rest"]) == losses(s["full"])
     assert [h["step"] for h in s["rest"]] == [5, 6, 7, 8]
     last = s["full"][-1]
@@ -103,9 +130,14 @@ def test_ranks_per_node_from_launcher_or_override(monkeypatch):
         resolve_ranks_per_node(3, 4)
 
 
-@pytest.mark.parametrize("override, field", [("prior_train.compression=zip", "prior_train.compression"),
-                                             ("prior_train.powersgd_rank=0", "prior_train.powersgd_rank"),
-                                             ("prior_train.ranks_per_node=-1", "prior_train.ranks_per_node")])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("prior_train.compression=zip", "prior_train.compression"),
+        ("prior_train.powersgd_rank=0", "prior_train.powersgd_rank"),
+        ("prior_train.ranks_per_node=-1", "prior_train.ranks_per_node"),
+    ],
+)
 def test_compression_config_is_validated(override, field):
     with pytest.raises(ConfigError, match=field):
         load_config("tiny", overrides=[override])

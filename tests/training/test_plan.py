@@ -1,14 +1,15 @@
 """`dalle-ds plan`: the 12B prior on the paper's cluster, built on the meta device."""
+
 import json
 
 import pytest
-
 from helpers import REPO
-from dalle_ds.plan import main, plan
 
+from dalle_ds.cli.plan import main
+from dalle_ds.training.plan import plan
 
-D, L, VT, T, R = 3968, 64, 16384, 256, 112     # the 12b prior: width, layers, text vocab, text length, rank/GPU
-GiB = 1024 ** 3
+D, L, VT, T, R = 3968, 64, 16384, 256, 112  # the 12b prior: width, layers, text vocab, text length, rank/GPU
+GiB = 1024**3
 
 
 def _ds(name):
@@ -23,14 +24,22 @@ def report():
 @pytest.fixture(scope="module")
 def node_local():
     """The same config with compression on: ZeRO-3 shards within each 8-GPU node (NodeMPU)."""
-    return plan("12b", REPO / "hostfiles/v100", _ds("gpu_zero3_fp16_12b_v100.json"),
-                overrides=["prior_train.compression=powersgd"])
+    return plan(
+        "12b",
+        REPO / "hostfiles/v100",
+        _ds("gpu_zero3_fp16_12b_v100.json"),
+        overrides=["prior_train.compression=powersgd"],
+    )
 
 
 @pytest.fixture(scope="module")
 def node_local_offload():
-    return plan("12b", REPO / "hostfiles/v100", _ds("gpu_zero3_fp16_12b_v100_offload.json"),
-                overrides=["prior_train.compression=powersgd"])
+    return plan(
+        "12b",
+        REPO / "hostfiles/v100",
+        _ds("gpu_zero3_fp16_12b_v100_offload.json"),
+        overrides=["prior_train.compression=powersgd"],
+    )
 
 
 def test_parameter_count_is_exact_and_near_12b(report):
@@ -127,9 +136,18 @@ def test_paper_storage_fits_where_deepspeed_needs_offload(node_local):
 
 
 def test_cli_set_selects_node_local_layout(capsys):
-    main(["--preset", "12b", "--hostfile", str(REPO / "hostfiles/v100"),
-          "--ds-config", str(REPO / "ds_configs/gpu_zero3_fp16_12b_v100_offload.json"),
-          "--set", "prior_train.compression=onebit"])
+    main(
+        [
+            "--preset",
+            "12b",
+            "--hostfile",
+            str(REPO / "hostfiles/v100"),
+            "--ds-config",
+            str(REPO / "ds_configs/gpu_zero3_fp16_12b_v100_offload.json"),
+            "--set",
+            "prior_train.compression=onebit",
+        ]
+    )
     out = capsys.readouterr().out
     assert "sharded within each node (8 GPUs; compression onebit)" in out
     assert "host memory per node for offloaded states" in out and "paper's storage" in out

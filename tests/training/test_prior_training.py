@@ -1,12 +1,14 @@
 """Prior training under real DeepSpeed engines: ZeRO-3 across two CPU ranks, exact resume, export."""
+
 import json
 
 import pytest
 import torch
-
 from helpers import launch_deepspeed, make_encoded_dataset, write_ds_config
+
 from dalle_ds.config import apply_overrides
-from dalle_ds.train_prior import load_prior, train_prior
+from dalle_ds.prior.io import load_prior
+from dalle_ds.prior.train import train_prior
 
 
 def _losses(summary):
@@ -21,15 +23,29 @@ def test_two_rank_zero3_matches_single_process(tmp_path, tiny_cfg, tied):
     data = make_encoded_dataset(tmp_path / "data", tiny_cfg)
     steps = 6
     tie = f"prior.tie_embeddings={tied}"
-    single = train_prior(apply_overrides(tiny_cfg, [f"prior_train.steps={steps}", tie]),
-                         ds_config=write_ds_config(tmp_path / "one.json", micro=8, stage=0),
-                         data_dir=data, out_dir=tmp_path / "single", progress=False)
-    launch_deepspeed(2, 29731, "run_tiny_prior.py", data, tmp_path / "two",
-                     write_ds_config(tmp_path / "z3.json", micro=4, stage=3), steps, tie)
+    single = train_prior(
+        apply_overrides(tiny_cfg, [f"prior_train.steps={steps}", tie]),
+        ds_config=write_ds_config(tmp_path / "one.json", micro=8, stage=0),
+        data_dir=data,
+        out_dir=tmp_path / "single",
+        progress=False,
+    )
+    launch_deepspeed(
+        2,
+        29731,
+        "run_tiny_prior.py",
+        data,
+        tmp_path / "two",
+        write_ds_config(tmp_path / "z3.json", micro=4, stage=3),
+        steps,
+        tie,
+    )
     two = json.loads((tmp_path / "two" / "losses.json").read_text())
     assert len(two) == steps
-    assert torch.allclose(torch.tensor(two), torch.tensor(_losses(single)), rtol=1e-4, atol=1e-5), \
-        (two, _losses(single))
+    assert torch.allclose(torch.tensor(two), torch.tensor(_losses(single)), rtol=1e-4, atol=1e-5), (
+        two,
+        _losses(single),
+    )
     assert _losses(single)[-1] < _losses(single)[0]  # and it learns
 
 
@@ -49,6 +65,7 @@ def test_resume_continues_the_same_loss_curve(tmp_path, tiny_cfg):
 
 def load_cfg_copy(cfg):
     from dalle_ds.config import from_dict
+
     return from_dict(cfg.to_dict())
 
 
@@ -58,8 +75,13 @@ def test_export_loads_without_deepspeed_and_checks_config(tmp_path, tiny_cfg):
 
     data = make_encoded_dataset(tmp_path / "data", tiny_cfg)
     cfg = apply_overrides(tiny_cfg, ["prior_train.steps=2"])
-    s = train_prior(cfg, ds_config=write_ds_config(tmp_path / "ds.json", micro=4, stage=0),
-                    data_dir=data, out_dir=tmp_path / "run", progress=False)
+    s = train_prior(
+        cfg,
+        ds_config=write_ds_config(tmp_path / "ds.json", micro=4, stage=0),
+        data_dir=data,
+        out_dir=tmp_path / "run",
+        progress=False,
+    )
     model, tok, saved = load_prior(s["path"])
     assert saved == cfg
     text = tok.encode_batch(["a small red circle at the top left"])

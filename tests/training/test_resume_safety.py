@@ -1,5 +1,6 @@
 """Exact, safe resume: SIGKILL at any step then restart = the uninterrupted loss curve; SIGTERM saves and exits
 cleanly; a crash during a save never leaves a half-written checkpoint marked latest."""
+
 import json
 import signal
 import subprocess
@@ -8,23 +9,42 @@ import time
 
 import pytest
 import torch
-
 from helpers import child_env, make_encoded_dataset, write_ds_config
+
 from dalle_ds.config import apply_overrides
-from dalle_ds.train_prior import train_prior
+from dalle_ds.prior.train import train_prior
 from dalle_ds.training import checkpoint as ckpt
 
 STEPS = 10
-OVERRIDES = ["tokenizer.bpe_dropout=0", "prior_train.log_every=1", f"prior_train.steps={STEPS}",
-             "prior_train.save_every=1", "prior_train.eval_every=0", "prior.dropout=0.1",
-             "prior_train.grad_scaling=pow2", "prior_train.grad_scale_init_log2=8",
-             "prior_train.grad_scale_min_log2=0", "prior_train.grad_scale_growth_interval=3",
-             "prior_train.ema_decay=0.9"]
+OVERRIDES = [
+    "tokenizer.bpe_dropout=0",
+    "prior_train.log_every=1",
+    f"prior_train.steps={STEPS}",
+    "prior_train.save_every=1",
+    "prior_train.eval_every=0",
+    "prior.dropout=0.1",
+    "prior_train.grad_scaling=pow2",
+    "prior_train.grad_scale_init_log2=8",
+    "prior_train.grad_scale_min_log2=0",
+    "prior_train.grad_scale_growth_interval=3",
+    "prior_train.ema_decay=0.9",
+]
 
 
 def _cmd(data, out, ds):
-    args = [sys.executable, "-m", "dalle_ds.train_prior", "--preset", "tiny", "--data", str(data), "--out", str(out),
-            "--ds-config", str(ds)]
+    args = [
+        sys.executable,
+        "-m",
+        "dalle_ds.cli.train_prior",
+        "--preset",
+        "tiny",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--ds-config",
+        str(ds),
+    ]
     for o in OVERRIDES:
         args += ["--set", o]
     return args
@@ -46,7 +66,9 @@ def test_sigkill_then_restart_gives_the_uninterrupted_curve(tmp_path, tiny_cfg):
     per-resblock scaling on), and the exported weights are identical."""
     data = make_encoded_dataset(tmp_path / "data", tiny_cfg)
     ds = write_ds_config(tmp_path / "ds.json", micro=4, stage=0)
-    full = subprocess.run(_cmd(data, tmp_path / "full", ds), env=child_env(), capture_output=True, text=True, timeout=300)
+    full = subprocess.run(
+        _cmd(data, tmp_path / "full", ds), env=child_env(), capture_output=True, text=True, timeout=300
+    )
     assert full.returncode == 0, full.stderr[-3000:]
 
     cut = tmp_path / "cut"
@@ -77,8 +99,11 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, tiny_cfg):
     cmd = _cmd(data, out, ds) + ["--set", "prior_train.save_every=1000", "--set", "prior_train.steps=100000"]
     proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not ((out / "metrics.jsonl").exists()
-                                          and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+    while (
+        time.time() < deadline
+        and proc.poll() is None
+        and not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2)
+    ):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
@@ -104,8 +129,7 @@ def test_crash_during_save_keeps_latest_on_the_previous_checkpoint(tmp_path, tin
     def dying_save(engine, ckpt_dir, step, client_state, rank_state=None):
         calls["n"] += 1
         if calls["n"] == 2:  # the step-4 save: write the engine files, then die before `latest` moves
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:08d}", client_state=client_state,
-                                   save_latest=False)
+            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:08d}", client_state=client_state, save_latest=False)
             raise OSError("disk full (simulated)")
         return real(engine, ckpt_dir, step, client_state, rank_state)
 

@@ -1,0 +1,262 @@
+"""Benchmarks. `dalle-ds bench attention` times masked attention per layout and backend at the paper shape.
+
+    dalle-ds bench attention --json bench_results/attention_cpu.json              # CPU: 8 heads, batch 1, fp32
+    dalle-ds bench attention --device cuda --json bench_results/attention_gpu.json  # GPU: 16 heads, batch 4, bf16
+
+Layouts: row, column (raster order, as the mask is written), column_t (the paper's transposed column
+layer: column-major order, block-diagonal), conv, causal (the dense-causal pattern through the same mask
+machinery). Backends: dense (SDPA with the boolean mask, the reference), sparse (PyTorch block-gather),
+triton (compiled kernels: GPU only; the interpreter is for tests), flex (torch FlexAttention with a
+BlockMask built from `masks.mask_mod`: GPU only, it has no CPU backward) and sdpa_causal (SDPA
+`is_causal=True`, FlashAttention on a GPU; it computes plain causal attention, a speed reference).
+
+Every row reports forward and forward+backward milliseconds (median of --repeats), TFLOP/s that count
+only the allowed (query, key) pairs of the mask ("density-scaled": 4*B*H*D*pairs for the forward,
+3.5x that for forward+backward), and the speed-up over `dense` on the same layout. sdpa_causal's
+TFLOP/s count the causal pairs (its own dense work). The max |out - dense out| is reported too.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from dalle_ds import attention
+from dalle_ds.attention import masks, sparse
+from dalle_ds.attention import triton_kernels as bsa
+from dalle_ds.attention.layout import block_layout, layout_on, run_in_layout_order
+from dalle_ds.attention.masks import MaskSpec, dense_mask
+
+LAYOUTS = {  # name -> (mask kind, run in column-major order)
+    "row": ("row", False),
+    "column": ("column", False),
+    "column_t": ("column", True),
+    "conv": ("conv", False),
+    "causal": ("causal", False),
+}
+BACKENDS = ("dense", "sparse", "triton", "flex", "sdpa_causal")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median wall time of fn() in milliseconds (CUDA-synchronised on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def flex_mask_mod(spec, permuted: bool, device: torch.device | str = "cpu"):
+    """FlexAttention `mask_mod` from masks.py's definition; for the transposed column layer the same
+    function over column-major positions (entry (i, j) = allowed(perm[i], perm[j]))."""
+    if not permuted:
+        return masks.mask_mod(spec)
+    perm = masks.column_major_perm(spec.text_len, spec.grid).to(device)
+
+    def mask_mod(b, h, q_idx, kv_idx):  # noqa: ARG001
+        return masks.allowed(spec, perm[q_idx], perm[kv_idx])
+
+    return mask_mod
+
+
+def _flex_fn(spec, permuted: bool, L: int, device: torch.device, block: int):
+    """A compiled flex_attention call with a BlockMask built from masks.mask_mod. None when unavailable."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: PLC0415 - optional
+    except ImportError:
+        return None
+    block_mask = create_block_mask(
+        flex_mask_mod(spec, permuted, device), B=None, H=None, Q_LEN=L, KV_LEN=L, device=device, BLOCK_SIZE=block
+    )
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+
+
+def _backend_fn(backend: str, layout: str, spec, device: torch.device, L: int, flex_block: int):
+    """(fn(q, k, v) -> out in raster order, note) or (None, reason)."""
+    _, permuted = LAYOUTS[layout]
+    if backend == "dense":
+        return (lambda q, k, v: attention.attend(q, k, v, spec, backend="dense")), ""
+    if backend == "sdpa_causal":
+        return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)), "plain causal"
+    if backend == "sparse":
+        plan = sparse.get_plan(spec, device, permuted=permuted)
+        return _in_order(plan.layout, lambda q, k, v: sparse.block_sparse_attention(q, k, v, plan)), ""
+    if backend == "triton":
+        if device.type != "cuda":
+            return None, "compiled Triton needs a GPU (the interpreter is for tests)"
+        if bsa is None or not bsa.usable():
+            return None, "triton cannot run here" if bsa is None else bsa.unavailable_reason()
+        lay = layout_on(spec, device, bsa.default_block(device), permuted=permuted)
+        return _in_order(lay, lambda q, k, v: bsa.block_sparse_attention(q, k, v, lay)), ""
+    if backend == "flex":
+        if device.type != "cuda":
+            return None, "FlexAttention has no backward on CPU"
+        fn = _flex_fn(spec, permuted, L, device, flex_block)
+        if fn is None:
+            return None, "torch.nn.attention.flex_attention is unavailable"
+        lay = layout_on(spec, device, 32, permuted=permuted)  # only for its permutation
+        return _in_order(lay, fn), f"BlockMask {flex_block}"
+    raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+
+
+def _in_order(lay, fn):
+    """fn(q, k, v) in the layout's order, wrapped to take and return raster order (the permutation is part of
+    the transposed column layer's cost)."""
+    return lambda q, k, v: run_in_layout_order(lay, fn, q, k, v)
+
+
+def bench_attention(
+    *,
+    device: str = "cpu",
+    dtype: str | None = None,
+    heads: int | None = None,
+    batch: int | None = None,
+    text_len: int = 256,
+    grid: int = 32,
+    head_dim: int = 64,
+    conv_kernel: int = 11,
+    layouts: list[str] | None = None,
+    backends: list[str] | None = None,
+    warmup: int = 2,
+    repeats: int = 5,
+    flex_block: int = 128,
+    log=print,
+) -> dict:
+    """Time every (layout, backend) pair; returns the JSON-able result (see the module docstring)."""
+    dev = torch.device(device)
+    on_gpu = dev.type == "cuda"
+    heads = heads or (16 if on_gpu else 8)
+    batch = batch or (4 if on_gpu else 1)
+    dt = getattr(torch, dtype) if dtype else (torch.bfloat16 if on_gpu else torch.float32)
+    layouts = layouts or list(LAYOUTS)
+    backends = backends or list(BACKENDS)
+    L = text_len + grid * grid
+    gen = torch.Generator().manual_seed(0)
+    q0, k0, v0, g0 = (torch.randn(batch, heads, L, head_dim, generator=gen).to(dev, dt) for _ in range(4))
+    causal_pairs = L * (L + 1) // 2
+
+    rows = []
+    sdpa_causal_row = None
+    for name in layouts:
+        kind, permuted = LAYOUTS[name]
+        spec = MaskSpec(kind, text_len, grid, conv_kernel)
+        pairs = int(dense_mask(spec).sum())
+        tile_density = block_layout(spec, 32, permuted=permuted).density
+        ref_out = None
+        for backend in backends:
+            if backend == "sdpa_causal" and sdpa_causal_row is not None:
+                continue  # independent of the layout: timed once
+            fn, note = _backend_fn(backend, name, spec, dev, L, flex_block)
+            if fn is None:
+                rows.append({"layout": name, "backend": backend, "skipped": note})
+                continue
+            q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+
+            def fwd():
+                with torch.no_grad():
+                    fn(q, k, v)
+
+            def fwd_bwd():
+                q.grad = k.grad = v.grad = None
+                fn(q, k, v).backward(g0)
+
+            with torch.no_grad():
+                out = fn(q, k, v)
+            fwd_ms = time_ms(fwd, dev, warmup, repeats)
+            fb_ms = time_ms(fwd_bwd, dev, warmup, repeats)
+            n_pairs = causal_pairs if backend == "sdpa_causal" else pairs
+            flops = 4.0 * batch * heads * head_dim * n_pairs
+            row = {
+                "layout": "causal(is_causal)" if backend == "sdpa_causal" else name,
+                "backend": backend,
+                "note": note,
+                "fwd_ms": fwd_ms,
+                "fwd_bwd_ms": fb_ms,
+                "fwd_tflops": flops / fwd_ms / 1e9,
+                "fwd_bwd_tflops": 3.5 * flops / fb_ms / 1e9,
+                "element_density": n_pairs / (L * L),
+                "tile_density_32": (
+                    block_layout(MaskSpec("causal", text_len, grid, conv_kernel), 32).density
+                    if backend == "sdpa_causal"
+                    else tile_density
+                ),
+            }
+            if backend == "dense":
+                ref_out = out.float()
+            if ref_out is not None and backend != "sdpa_causal":
+                row["max_abs_diff_vs_dense"] = (out.float() - ref_out).abs().max().item()
+            if backend == "sdpa_causal":
+                sdpa_causal_row = row
+            rows.append(row)
+            log(f"  {row['layout']:10s} {backend:12s} fwd {fwd_ms:9.2f} ms   fwd+bwd {fb_ms:9.2f} ms")
+        dense = next((r for r in rows if r["layout"] == name and r["backend"] == "dense" and "fwd_ms" in r), None)
+        for r in rows:
+            if r["layout"] == name and "fwd_ms" in r:
+                if dense is not None:
+                    r["speedup_fwd_vs_dense"] = dense["fwd_ms"] / r["fwd_ms"]
+                    r["speedup_fwd_bwd_vs_dense"] = dense["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+    for r in rows:
+        if "fwd_ms" in r and sdpa_causal_row is not None:
+            r["speedup_fwd_bwd_vs_sdpa_causal"] = sdpa_causal_row["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+    return {
+        "shape": {
+            "batch": batch,
+            "heads": heads,
+            "text_len": text_len,
+            "grid": grid,
+            "seq_len": L,
+            "head_dim": head_dim,
+            "dtype": str(dt).replace("torch.", ""),
+            "conv_kernel": conv_kernel,
+        },
+        "device": torch.cuda.get_device_name(dev) if on_gpu else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "warmup": warmup,
+        "repeats": repeats,
+        "flops_note": "TFLOP/s count only allowed (query, key) pairs: fwd 4*B*H*D*pairs, fwd+bwd 3.5x that",
+        "rows": rows,
+    }
+
+
+def format_table(result: dict) -> str:
+    s = result["shape"]
+    head = (
+        f"attention at B={s['batch']} H={s['heads']} L={s['seq_len']} (T={s['text_len']} + {s['grid']}x"
+        f"{s['grid']}) D={s['head_dim']} {s['dtype']} on {result['device']}, {result['threads']} threads"
+    )
+    cols = (
+        f"{'layout':17s} {'backend':12s} {'tiles':>6s} {'fwd ms':>9s} {'f+b ms':>9s} {'fwd TF/s':>9s} "
+        f"{'f+b TF/s':>9s} {'x dense':>8s} {'x dense':>8s} {'max|diff|':>10s}"
+    )
+    sub = f"{'':17s} {'':12s} {'@32':>6s} {'':>9s} {'':>9s} {'':>9s} {'':>9s} {'fwd':>8s} {'f+b':>8s}"
+    lines = [head, cols, sub]
+    for r in result["rows"]:
+        if "fwd_ms" not in r:
+            lines.append(f"{r['layout']:17s} {r['backend']:12s} skipped: {r['skipped']}")
+            continue
+        diff = r.get("max_abs_diff_vs_dense")
+        lines.append(
+            f"{r['layout']:17s} {r['backend']:12s} {r['tile_density_32']:6.1%} {r['fwd_ms']:9.2f} "
+            f"{r['fwd_bwd_ms']:9.2f} {r['fwd_tflops']:9.4f} {r['fwd_bwd_tflops']:9.4f} "
+            f"{r.get('speedup_fwd_vs_dense', math.nan):8.2f} {r.get('speedup_fwd_bwd_vs_dense', math.nan):8.2f} "
+            f"{'' if diff is None else f'{diff:10.1e}'}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""`dalle-ds bench`: benchmarks that print a table and write JSON.
+
+dalle-ds bench attention [--device cuda] [--json FILE]   masked attention per layout and backend
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from dalle_ds.attention.bench import BACKENDS, LAYOUTS, bench_attention, format_table
+
+
+def attention_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(
+        prog="dalle-ds bench attention",
+        description="Time masked attention per layout and backend (see dalle_ds/bench.py).",
+    )
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 CPU, bf16 GPU)")
+    p.add_argument("--heads", type=int, default=None, help="default 8 on CPU, 16 on GPU")
+    p.add_argument("--batch", type=int, default=None, help="default 1 on CPU, 4 on GPU")
+    p.add_argument("--text-len", type=int, default=256)
+    p.add_argument("--grid", type=int, default=32)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--layouts", nargs="+", default=None, choices=list(LAYOUTS))
+    p.add_argument("--backends", nargs="+", default=None, choices=list(BACKENDS))
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--flex-block", type=int, default=128, help="BLOCK_SIZE of flex's BlockMask")
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda but no CUDA device is visible")
+    result = bench_attention(
+        device=args.device,
+        dtype=args.dtype,
+        heads=args.heads,
+        batch=args.batch,
+        text_len=args.text_len,
+        grid=args.grid,
+        head_dim=args.head_dim,
+        layouts=args.layouts,
+        backends=args.backends,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        flex_block=args.flex_block,
+    )
+    print(format_table(result))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        print(f"wrote {path}")
+
+
+SUBCOMMANDS = {"attention": attention_main}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        print("usage: dalle-ds bench {" + ",".join(SUBCOMMANDS) + "} [options]\n\n" + (__doc__ or ""))
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    SUBCOMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

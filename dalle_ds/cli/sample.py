@@ -1,0 +1,105 @@
+"""`dalle-ds sample`: images from captions: KV-cached decoding of the prior, rendered by the dVAE decoder.
+
+    dalle-ds sample --prior runs/prior/prior.pt --dvae runs/dvae/dvae.pt \
+        --caption "a small red triangle at the top left" --n 8 --out samples.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from dalle_ds.config import ExperimentConfig, SampleConfig
+from dalle_ds.dvae.io import load_dvae
+from dalle_ds.prior.io import load_prior
+from dalle_ds.rerank.rerankers import load_reranker, rerank
+from dalle_ds.sampling.generate import generate
+from dalle_ds.sampling.grid import save_grid
+from dalle_ds.sampling.prime import load_image, prime_tokens
+
+
+def sample_config(cfg: ExperimentConfig, args: argparse.Namespace) -> SampleConfig:
+    s = cfg.sample
+    for name in ("temperature", "top_k", "top_p", "seed", "batch_size"):
+        if getattr(args, name) is not None:
+            setattr(s, name, getattr(args, name))
+    s.num_per_caption = args.n
+    cfg.validate()
+    return s
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prior", required=True, help="prior.pt exported by train_prior")
+    p.add_argument("--dvae", required=True, help="dvae.pt exported by train_dvae")
+    p.add_argument("--caption", action="append", default=[], help="a caption (repeatable)")
+    p.add_argument("--captions-file", default=None, help="a text file with one caption per line")
+    p.add_argument("--n", type=int, default=4, help="samples per caption")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", dest="top_k", type=int, default=None, help="0 = off")
+    p.add_argument("--top-p", dest="top_p", type=float, default=None, help="1.0 = off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
+    p.add_argument("--backend", default=None, help="attention backend for sampling (dense | sparse | triton)")
+    p.add_argument("--out", default="samples.png", help="PNG grid to write")
+    p.add_argument("--prime-image", default=None, help="image-to-image: prime with the top rows of this image")
+    p.add_argument(
+        "--prime-rows",
+        type=int,
+        default=None,
+        help="token-grid rows of --prime-image kept (default: 15/32 of the grid, as in the paper)",
+    )
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=None,
+        help="rerank: generate this many per caption and keep the best --keep (needs --clip)",
+    )
+    p.add_argument("--keep", type=int, default=1, help="rerank: samples kept per caption")
+    p.add_argument("--clip", default=None, help="reranker: clip.pt from `dalle-ds train-clip`")
+    p.add_argument(
+        "--open-clip",
+        dest="open_clip",
+        default=None,
+        metavar="ARCH:CHECKPOINT",
+        help="reranker: an open_clip CLIP model from local files, e.g. ViT-B-32:/models/clip.safetensors "
+        "(ARCH may be a config JSON), or a folder with open_clip_config.json + weights",
+    )
+    args = p.parse_args(argv)
+    captions = list(args.caption)
+    if args.captions_file:
+        captions += [line.strip() for line in Path(args.captions_file).read_text().splitlines() if line.strip()]
+    if not captions:
+        p.error("give at least one --caption or a --captions-file")
+    prior, tok, cfg = load_prior(args.prior, backend=args.backend)
+    dvae, _ = load_dvae(args.dvae, cfg)
+    scfg = sample_config(cfg, args)
+    prime = None
+    if args.prime_image:
+        g = cfg.prior.image_grid
+        rows = args.prime_rows if args.prime_rows is not None else max(1, round(g * 15 / 32))
+        prime = prime_tokens(dvae, load_image(args.prime_image, cfg.dvae.image_size), rows)
+    elif args.prime_rows is not None:
+        p.error("--prime-rows needs --prime-image")
+    reranker = None
+    if args.candidates is not None:
+        if args.candidates < 1 or not 1 <= args.keep <= args.candidates:
+            p.error(f"need 1 <= --keep ({args.keep}) <= --candidates ({args.candidates})")
+        if (args.clip is None) == (args.open_clip is None):
+            p.error("--candidates needs exactly one reranker: --clip FILE or --open-clip ARCH:CHECKPOINT")
+        reranker = load_reranker(clip=args.clip, open_clip=args.open_clip)
+        scfg.num_per_caption = args.candidates
+    images = generate(prior, tok, dvae, captions, scfg, prime=prime)
+    info = {}
+    if reranker is not None:
+        images, scores = rerank(reranker, images, captions, args.candidates, args.keep)
+        scfg.num_per_caption = args.keep
+        info["scores"] = [round(float(x), 4) for x in scores]
+    labels = [c for c in captions for _ in range(scfg.num_per_caption)]
+    path = save_grid(images, labels, args.out, cols=max(scfg.num_per_caption, 4))
+    print(json.dumps({"samples": str(path), "count": len(images), **info}))
+
+
+if __name__ == "__main__":
+    main()
