@@ -109,7 +109,9 @@ class DVAETrainConfig:
     ema_decay: float = 0.999
     log_every: int = 50
     save_every: int = 5000
+    eval_every: int = 5000  # val PSNR + OUT/recon_stepN.png (originals above reconstructions); 0 = only at the end
     seed: int = 0
+    allow_tf32: bool = True  # an fp32 ds_config on an sm80+ GPU runs matmuls and convs in TF32 (training/precision.py)
 
 
 @dataclass(kw_only=True)
@@ -171,6 +173,7 @@ class PriorTrainConfig:
     ranks_per_node: int = 0  # 0 = from the launcher; smaller simulates several nodes on one machine
     powersgd_rank: int = 112  # per GPU shard (each factorises its own): PAPER §5.3, 896 per 8-GPU node at 12B
     powersgd_fixed_q: bool = True  # the paper's fixed random Q; false = warm-start Q from the last step
+    allow_tf32: bool = True  # an fp32 ds_config on an sm80+ GPU runs matmuls in TF32 (training/precision.py)
 
 
 @dataclass(kw_only=True)
@@ -196,9 +199,17 @@ class ClipConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-2
     log_every: int = 100
+    save_every: int = 200  # checkpoint (model, optimizer, schedule, RNG, step) to OUT/clip_ckpt/; a rerun resumes
     seed: int = 0
     hard_negatives: float = 0.0  # fraction of a batch in pairs of one-word caption neighbours (train_clip)
     shape_stream: bool = False  # image tower: a second conv stack over brightness alone (contrastive.py)
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Training checkpoints (training/checkpoint.py), for the dVAE and the prior alike."""
+
+    keep_last: int = 0  # after each save, delete all but the newest N checkpoints (0 = keep every one)
 
 
 @dataclass(kw_only=True)
@@ -211,6 +222,7 @@ class ExperimentConfig:
     prior_train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self) -> ExperimentConfig:
         validate(self)
@@ -236,12 +248,13 @@ AT_LEAST_1 = (
     "dvae.channels dvae.n_hid dvae.n_blk_per_group dvae.n_init dvae_train.steps dvae_train.lr_decay_steps "
     "dvae_train.log_every dvae_train.save_every prior.text_len prior.image_grid prior.d_model prior.n_heads "
     "prior.mlp_ratio prior_train.steps prior_train.log_every prior_train.save_every sample.num_per_caption "
-    "sample.batch_size clip.embed_dim clip.width clip.heads clip.steps clip.log_every"
+    "sample.batch_size clip.embed_dim clip.width clip.heads clip.steps clip.log_every "
+    "clip.save_every"
 ).split()
 AT_LEAST_0 = (
     "dvae_train.lr_end dvae_train.weight_decay dvae_train.kl_weight dvae_train.kl_warmup_steps "
     "dvae_train.mse_warmup_steps dvae_train.temp_anneal_steps prior_train.warmup_steps prior_train.weight_decay "
-    "prior_train.eval_every clip.text_layers clip.weight_decay"
+    "prior_train.eval_every clip.text_layers clip.weight_decay dvae_train.eval_every"
 ).split()
 ABOVE_0 = (
     "dvae_train.lr dvae_train.eps dvae_train.temp_start dvae_train.temp_end prior_train.lr prior_train.eps clip.lr"
@@ -463,6 +476,7 @@ def preset_shapes() -> ExperimentConfig:
             ema_decay=0.99,
             log_every=50,
             save_every=500,
+            eval_every=500,
         ),
         prior=PriorConfig(
             text_len=32,
@@ -503,7 +517,7 @@ def _real(image_size: int) -> ExperimentConfig:
         tokenizer=TokenizerConfig(vocab_size=1024, text_len=16),
         dvae=DVAEConfig(
             image_size=image_size,
-            n_hid=64,
+            n_hid=32,
             n_groups=groups,
             n_blk_per_group=1,
             n_init=64,
@@ -511,15 +525,15 @@ def _real(image_size: int) -> ExperimentConfig:
             max_log_b=-1.0,
         ),
         dvae_train=DVAETrainConfig(
-            steps=3000,
+            steps=2000,
             lr=2e-3,
             lr_end=1e-4,
-            lr_decay_steps=3000,
+            lr_decay_steps=2000,
             kl_weight=1.0,
             kl_warmup_steps=0,
             mse_warmup=10.0,
-            mse_warmup_steps=1000,
-            temp_anneal_steps=2500,
+            mse_warmup_steps=700,
+            temp_anneal_steps=1700,
             ema_decay=0.99,
             log_every=100,
             save_every=1000,
@@ -529,7 +543,7 @@ def _real(image_size: int) -> ExperimentConfig:
             text_vocab_size=1024,
             image_grid=8,
             image_vocab_size=512,
-            d_model=256,
+            d_model=128,
             n_layers=4,
             n_heads=4,
             conv_kernel=5,
@@ -537,10 +551,10 @@ def _real(image_size: int) -> ExperimentConfig:
             dropout=0.1,
         ),
         prior_train=PriorTrainConfig(
-            steps=2000, lr=1e-3, warmup_steps=100, weight_decay=1e-2, log_every=100, save_every=1000, eval_every=500
+            steps=1500, lr=2e-3, warmup_steps=100, weight_decay=1e-2, log_every=100, save_every=500, eval_every=500
         ),
         sample=SampleConfig(temperature=1.0, top_k=0, top_p=0.9, batch_size=64),
-        clip=ClipConfig(embed_dim=128, width=32, text_layers=0, steps=1000, batch_size=128),
+        clip=ClipConfig(embed_dim=128, width=32, text_layers=0, steps=800, batch_size=128),
     )
 
 

@@ -28,6 +28,7 @@ COMMANDS = {
     ),
     "plan": ("plan", "parameter count, per-GPU memory and inter-node traffic of a preset on a hostfile"),
     "bench": ("bench", "benchmarks: `bench attention --json FILE` times attention per layout and backend"),
+    "gpu-check": ("gpu_check", "on one GPU: kernel accuracy, fp16/bf16 training runs, attention timing -> one JSON"),
 }
 
 

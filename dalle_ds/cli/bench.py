@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from dalle_ds.attention.bench import BACKENDS, LAYOUTS, bench_attention, format_table
+from dalle_ds.cli.common import run_command
 
 
 def attention_main(argv: list[str]) -> None:
@@ -70,4 +71,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("bench", main)

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dalle_ds.cli.common import add_config_args, config_from_args
+from dalle_ds.cli.common import add_config_args, config_from_args, run_command
 from dalle_ds.demo.real import run_real
 from dalle_ds.demo.shapes import CANDIDATES, run_demo
 from dalle_ds.training.distributed import is_main
@@ -61,4 +61,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("demo", main)

@@ -14,7 +14,8 @@ import json
 import os
 from pathlib import Path
 
-from dalle_ds.config import apply_overrides
+from dalle_ds.cli.common import argument, existing_path, run_command
+from dalle_ds.config import ConfigError, apply_overrides
 from dalle_ds.data.encode_grids import encode_to_disk
 from dalle_ds.dvae.io import load_dvae
 
@@ -40,7 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--splits", default="train,val", help="comma-separated splits to encode")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    dvae, cfg = load_dvae(args.dvae)
+    for name in ("chunk", "batch"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name}: must be >= 1, got {getattr(args, name)}")
+    with argument("--dvae"):
+        dvae, cfg = load_dvae(existing_path(args.dvae, "--dvae"))
     if any(not o.startswith("data.") for o in args.overrides):
         p.error("encode only takes data.* overrides; the dVAE comes from its checkpoint")
     apply_overrides(cfg, args.overrides).validate()
@@ -48,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--rank {args.rank} must lie in [0, --world {args.world})")
     splits = tuple(s for s in args.splits.split(",") if s)
     path = encode_to_disk(
-        dvae, cfg, args.out, splits, rank=args.rank, world=args.world, chunk=args.chunk, batch=args.batch
+        dvae, cfg, args.out, splits, rank=args.rank, world=args.world, chunk=args.chunk, batch=args.batch, progress=True
     )
     report = Path(path) / "encode_report.json"
     summary = {"out": str(path), "rank": args.rank, "merged": report.exists()}
@@ -58,4 +63,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("encode", main)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from dalle_ds.cli.common import existing_path, run_command
+from dalle_ds.config import ConfigError
 from dalle_ds.eval.fid import BLUR_RADII
 from dalle_ds.eval.run import evaluate
 
@@ -38,6 +40,13 @@ def main(argv: list[str] | None = None) -> None:
         p.error("give --prior and --dvae, or --real-dir and --fake-dir")
     if bool(args.real_dir) != bool(args.fake_dir):
         p.error("give both --real-dir and --fake-dir")
+    for name in ("n", "heldout", "candidates", "size"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name}: must be >= 1, got {getattr(args, name)}")
+    for name in ("prior", "dvae", "clip", "real_dir", "fake_dir"):
+        if getattr(args, name):
+            kind = "dir" if name.endswith("_dir") else "any" if name == "prior" else "file"
+            existing_path(getattr(args, name), "--" + name.replace("_", "-"), kind=kind)
     radii = tuple(float(r) if "." in r else int(r) for r in args.radii.split(",")) if args.radii else BLUR_RADII
     r = evaluate(
         args.out,
@@ -52,9 +61,10 @@ def main(argv: list[str] | None = None) -> None:
         radii=radii,
         size=args.size,
         seed=args.seed,
+        progress=True,
     )
     print(json.dumps(r))
 
 
 if __name__ == "__main__":
-    main()
+    run_command("eval", main)

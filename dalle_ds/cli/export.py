@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 
+from dalle_ds.cli.common import existing_path, run_command
 from dalle_ds.prior.io import WEIGHTS
 from dalle_ds.training.export import export_run
 
@@ -22,12 +23,13 @@ def main(argv: list[str] | None = None) -> None:
         "--run", required=True, help="a train-prior --out folder (checkpoints/, config.json, tokenizer.json)"
     )
     p.add_argument("--out", required=True, help="folder to write model.safetensors, config.json, tokenizer.json")
-    p.add_argument("--tag", default=None, help="checkpoint tag (default: the one `latest` names)")
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest that verifies)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights (from the run's prior.pt)")
     args = p.parse_args(argv)
+    existing_path(args.run, "--run", kind="dir")
     out = export_run(args.run, args.out, ema=args.ema, tag=args.tag)
     print(f"export: {out}/{WEIGHTS}")
 
 
 if __name__ == "__main__":
-    main()
+    run_command("export", main)

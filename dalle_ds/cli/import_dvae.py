@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 
+from dalle_ds.cli.common import argument, existing_path, run_command
 from dalle_ds.dvae.io import save_dvae
 from dalle_ds.dvae.openai import OPENAI_IMAGE_SIZE, is_paper_config, load_openai_dvae, openai_experiment_config
 
@@ -37,8 +38,9 @@ def main(argv: list[str] | None = None) -> None:
         help=f"pixels per side the dVAE is used at (not stored in the weights; the release: {OPENAI_IMAGE_SIZE})",
     )
     args = p.parse_args(argv)
-    encoder_path, decoder_path = args.openai
-    model = load_openai_dvae(encoder_path, decoder_path, image_size=args.image_size)
+    encoder_path, decoder_path = (existing_path(f, "--openai") for f in args.openai)
+    with argument("--openai"):
+        model = load_openai_dvae(encoder_path, decoder_path, image_size=args.image_size)
     cfg = openai_experiment_config(model.cfg)
     save_dvae(args.out, model.state_dict(), cfg, step=0)
     d = model.cfg
@@ -53,4 +55,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("import-dvae", main)

@@ -10,6 +10,7 @@ import argparse
 
 from dalle_ds.attention.masks import KINDS, MaskSpec
 from dalle_ds.attention.picture import mask_npy, mask_png
+from dalle_ds.cli.common import run_command
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,4 +37,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("masks", main)

@@ -10,9 +10,12 @@ import argparse
 import json
 from pathlib import Path
 
-from dalle_ds.config import ExperimentConfig, SampleConfig
+from dalle_ds.attention import backend_names
+from dalle_ds.cli.common import argument, existing_path, read_text_lines, run_command
+from dalle_ds.config import ConfigError, ExperimentConfig, SampleConfig
+from dalle_ds.data.decode import BadInput
 from dalle_ds.dvae.io import load_dvae
-from dalle_ds.prior.io import load_prior
+from dalle_ds.prior.io import WEIGHTS, is_export, load_prior
 from dalle_ds.rerank.rerankers import load_reranker, rerank
 from dalle_ds.sampling.generate import generate
 from dalle_ds.sampling.grid import save_grid
@@ -27,6 +30,20 @@ def sample_config(cfg: ExperimentConfig, args: argparse.Namespace) -> SampleConf
     s.num_per_caption = args.n
     cfg.validate()
     return s
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad numbers and missing files before any model is loaded."""
+    if args.n < 1:
+        raise ConfigError(f"--n: samples per caption must be >= 1, got {args.n}")
+    if args.backend is not None and args.backend not in backend_names():
+        raise ConfigError(f"--backend: unknown backend {args.backend!r}; choose one of {', '.join(backend_names())}")
+    for name, path in (("--prior", args.prior), ("--dvae", args.dvae)):
+        existing_path(path, name, kind="any" if name == "--prior" else "file")
+    if Path(args.prior).is_dir() and not is_export(args.prior):
+        raise ConfigError(f"--prior: {args.prior} is a folder without {WEIGHTS} (not a `dalle-ds export` folder)")
+    if args.prime_image:
+        existing_path(args.prime_image, "--prime-image")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,28 +84,38 @@ def main(argv: list[str] | None = None) -> None:
         "(ARCH may be a config JSON), or a folder with open_clip_config.json + weights",
     )
     args = p.parse_args(argv)
+    check_args(args)
     captions = list(args.caption)
     if args.captions_file:
-        captions += [line.strip() for line in Path(args.captions_file).read_text().splitlines() if line.strip()]
+        captions += read_text_lines(args.captions_file, "--captions-file")
     if not captions:
         p.error("give at least one --caption or a --captions-file")
-    prior, tok, cfg = load_prior(args.prior, backend=args.backend)
-    dvae, _ = load_dvae(args.dvae, cfg)
+    if args.prime_rows is not None and not args.prime_image:
+        p.error("--prime-rows needs --prime-image")
+    with argument("--prior"):
+        prior, tok, cfg = load_prior(args.prior, backend=args.backend)
+    with argument("--dvae"):
+        dvae, _ = load_dvae(args.dvae, cfg)
     scfg = sample_config(cfg, args)
     prime = None
     if args.prime_image:
         g = cfg.prior.image_grid
         rows = args.prime_rows if args.prime_rows is not None else max(1, round(g * 15 / 32))
-        prime = prime_tokens(dvae, load_image(args.prime_image, cfg.dvae.image_size), rows)
-    elif args.prime_rows is not None:
-        p.error("--prime-rows needs --prime-image")
+        if not 0 <= rows <= g:
+            raise ConfigError(f"--prime-rows: must be in [0, {g}] for this prior's {g}x{g} token grid, got {rows}")
+        try:
+            image = load_image(args.prime_image, cfg.dvae.image_size)
+        except BadInput as e:
+            raise ConfigError(f"--prime-image: {args.prime_image} is not a usable image ({e})") from None
+        prime = prime_tokens(dvae, image, rows)
     reranker = None
     if args.candidates is not None:
         if args.candidates < 1 or not 1 <= args.keep <= args.candidates:
             p.error(f"need 1 <= --keep ({args.keep}) <= --candidates ({args.candidates})")
         if (args.clip is None) == (args.open_clip is None):
             p.error("--candidates needs exactly one reranker: --clip FILE or --open-clip ARCH:CHECKPOINT")
-        reranker = load_reranker(clip=args.clip, open_clip=args.open_clip)
+        with argument("--clip" if args.clip is not None else "--open-clip"):
+            reranker = load_reranker(clip=args.clip, open_clip=args.open_clip)
         scfg.num_per_caption = args.candidates
     images = generate(prior, tok, dvae, captions, scfg, prime=prime)
     info = {}
@@ -102,4 +129,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("sample", main)

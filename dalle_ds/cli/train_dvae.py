@@ -11,28 +11,31 @@ from __future__ import annotations
 
 import argparse
 
-from dalle_ds.cli.common import add_config_args, config_from_args
+from dalle_ds.cli.common import add_config_args, run_command, training_config
 from dalle_ds.dvae.train import train_dvae
 from dalle_ds.training.distributed import is_main
+from dalle_ds.training.loop import exit_if_interrupted
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p, ds_default="cpu_zero0_fp32.json")
+    add_config_args(p, ds_default="device")
     p.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, dvae.pt")
     p.add_argument("--no-resume", action="store_true", help="start over even if out/checkpoints exists")
     p.add_argument("--stop-at", type=int, default=None, help="save and exit after this step (resume later)")
     args = p.parse_args(argv)
+    cfg = training_config(args)
     summary = train_dvae(
-        config_from_args(args),
+        cfg,
         ds_config=args.ds_config,
         out_dir=args.out,
         resume=not args.no_resume,
         stop_at=args.stop_at,
     )
+    exit_if_interrupted(summary, "dVAE")
     if is_main():
         print(f"dVAE: {summary['step']} steps, recon PSNR {summary['recon_psnr']:.2f} dB -> {summary['path']}")
 
 
 if __name__ == "__main__":
-    main()
+    run_command("train-dvae", main)

@@ -10,33 +10,44 @@ from __future__ import annotations
 
 import argparse
 
-from dalle_ds.cli.common import add_config_args, config_from_args
+from dalle_ds.cli.common import add_config_args, existing_path, run_command, training_config
 from dalle_ds.prior.train import train_prior
 from dalle_ds.training.distributed import is_main
+from dalle_ds.training.loop import exit_if_interrupted
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p, ds_default="cpu_zero0_fp32.json")
+    add_config_args(p, ds_default="device")
     p.add_argument("--data", required=True, help="encoded dataset folder from `dalle-ds encode`")
     p.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, tokenizer.json, prior.pt")
     p.add_argument("--tokenizer", default=None, help="use this tokenizer.json instead of training one")
+    p.add_argument(
+        "--dvae",
+        default=None,
+        help="dvae.pt the tokens were encoded with: write OUT/samples_stepN.png for fixed val captions every "
+        "prior_train.eval_every steps (without it, no pictures while training)",
+    )
     p.add_argument("--no-resume", action="store_true", help="start over even if out/checkpoints exists")
     p.add_argument("--stop-at", type=int, default=None, help="save and exit after this step (resume later)")
     args = p.parse_args(argv)
+    cfg = training_config(args)
+    existing_path(args.data, "--data", kind="dir")
+    if args.tokenizer is not None:
+        existing_path(args.tokenizer, "--tokenizer")
+    if args.dvae is not None:
+        existing_path(args.dvae, "--dvae")
     s = train_prior(
-        config_from_args(args),
+        cfg,
         ds_config=args.ds_config,
         data_dir=args.data,
         out_dir=args.out,
         tokenizer_path=args.tokenizer,
         resume=not args.no_resume,
         stop_at=args.stop_at,
+        dvae_path=args.dvae,
     )
-    if s.get("interrupted"):
-        if is_main():
-            print(f"prior: SIGTERM, checkpoint saved at step {s['step']}; rerun the same command to resume")
-        return
+    exit_if_interrupted(s, "prior")
     if is_main():
         print(
             f"prior: {s['step']} steps, val loss text {s['val_loss_text']:.4f} image {s['val_loss_image']:.4f}"
@@ -45,4 +56,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("train-prior", main)

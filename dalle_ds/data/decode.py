@@ -8,6 +8,8 @@ Image kinds converted: grayscale (L/LA/1), cmyk, rgba (alpha composited on white
                        high_bit_depth (16-bit I;16 / I / F scaled to 8 bit).
 Caption kinds refused: caption_missing, caption_empty.  Converted: caption_not_utf8 (decoded as cp1252,
                        then latin-1, which never fails, with a BOM stripped).
+A source may hand over a BadInput instead of bytes (it refused to read the file: data/safe_read.py, tars.py);
+decoding raises it, so it is counted like the rest.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def _composite(rgba: Image.Image) -> Image.Image:
 
 def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open and size-check without decoding the pixels (cheap: reads the header)."""
+    if isinstance(data, BadInput):  # the source refused to read it (data/safe_read.py)
+        raise data.with_traceback(None)
     if data is None or len(data) == 0:
         raise BadInput("zero_byte")
     try:
@@ -99,6 +103,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
 
 def decode_caption(data: bytes | str | None) -> tuple[str, str | None]:
     """(caption, conversion name or None); raises BadInput for missing or empty captions."""
+    if isinstance(data, BadInput):  # the source refused to read it (data/safe_read.py)
+        raise data.with_traceback(None)
     if data is None:
         raise BadInput("caption_missing")
     conversion = None

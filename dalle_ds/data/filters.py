@@ -2,9 +2,10 @@
 
 * `caption_too_short`: fewer than `data.min_caption_words` words (0 = off). The paper's threshold is
   unconfirmed. The default 2 keeps short real captions ("A frog.", "red apple") and drops single tokens
-  ("untitled", "logo", "thumbnail"), which in scraped alt-text are mostly titles, tags or file names rather
+  ("logo", "thumbnail"), which in scraped alt-text are mostly titles, tags or file names rather
   than descriptions; a set whose captions are one-word labels wants 1. (The old default 3 silently dropped
-  a third of a clip-art set captioned "a frog", "an apple".) Camera file names are the boilerplate rule's.
+  a third of a clip-art set captioned "a frog", "an apple".) Camera file names and "untitled" are the
+  boilerplate rule's, and are counted as boilerplate even though they are short too.
 * `caption_not_english`: the paper uses cld3, which is not installable here. Our cheap heuristic: among
   the caption's letters at least 90 % must be ASCII a-z, and a caption of 4 or more words must contain
   at least one of ~80 very common English function words ("a", "the", "of", "on", ...) or an English
@@ -101,11 +102,16 @@ def strip_boilerplate(caption: str) -> str:
 
 
 def caption_rejection(caption: str, cfg: DataConfig) -> str | None:
-    """The name of the first caption filter that drops `caption`, or None."""
+    """The name of the first caption filter that drops `caption`, or None. A caption that is nothing but
+    boilerplate ("DSC01234", "untitled") is counted as boilerplate even when it is also too short."""
     n_words = len(words(caption))
+    rest = strip_boilerplate(caption) if cfg.filter_boilerplate else caption
+    boilerplate = cfg.filter_boilerplate and all(w in FUNCTION_WORDS for w in words(rest))
+    if boilerplate and rest != " ".join(caption.split()):  # boilerplate was found, and nothing else is left
+        return "caption_boilerplate"
     if cfg.min_caption_words > 0 and n_words < cfg.min_caption_words:
         return "caption_too_short"
-    if cfg.filter_boilerplate and all(w in FUNCTION_WORDS for w in words(strip_boilerplate(caption))):
+    if boilerplate:
         return "caption_boilerplate"
     if cfg.filter_english and not is_english(caption):
         return "caption_not_english"

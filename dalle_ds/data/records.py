@@ -7,18 +7,25 @@ Nothing is decoded here; `dalle_ds.data.sources` decodes, converts, filters and 
 * hf_disk:     a `datasets` Dataset or DatasetDict written with `save_to_disk`.
 * parquet:     parquet file(s) (a path or glob) with an image column (bytes or {"bytes", "path"}) and a caption.
 * imagefolder: the `datasets` imagefolder layout: images plus metadata.csv / metadata.jsonl with a caption column.
-* webdataset:  tar shards (a path or glob), read by `datasets`' webdataset builder: `<key>.jpg` + `<key>.txt`.
-With data.streaming the `datasets` sources are iterated without materialising an Arrow cache.
+* webdataset:  tar shards (a path or glob) in webdataset's layout, `<key>.jpg` + `<key>.txt`, read by data/tars.py
+               (a shard cut short keeps its samples before the cut and is counted as `truncated_shard`).
+With data.streaming the sources are iterated without materialising an Arrow cache or an index.
+A record's image or caption may be a BadInput instead of bytes: the source refused to read it (a FIFO, a file
+over data.max_image_bytes, a `path` outside the dataset's folder; data/safe_read.py); the pass counts its kind.
 """
 
 from __future__ import annotations
 
 import glob
 import io
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dalle_ds.data.decode import BadInput
+from dalle_ds.data.safe_read import MAX_CAPTION_BYTES, check_size, read_file, resolve_under
+from dalle_ds.data.tars import TarRecords
 from dalle_ds.errors import ConfigError
 from dalle_ds.registry import Registry
 
@@ -39,14 +46,24 @@ IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img")
 CAPTION_COLUMNS = ("caption", "text", "txt", "alt", "captions")
 
 
+def _refusal(read: Callable, *args):
+    """`read(*args)`, or the BadInput refusing it: decode_image/decode_caption raise it, so the pass counts
+    its kind like any other defect."""
+    try:
+        return read(*args)
+    except BadInput as e:
+        return e
+
+
 class FolderRecords:
     """Map-style raw records of an image folder with same-stem .txt captions."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+    def __init__(self, root: str | Path, max_image_bytes: int):
+        self.root, self.max_image_bytes = Path(root), max_image_bytes
         if not self.root.is_dir():
             raise ConfigError(f"data.path: {self.root} is not a folder")
-        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        # anything but a folder is listed: a FIFO or a device named *.jpg is refused when read, and counted
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and not p.is_dir())
 
     def __len__(self) -> int:
         return len(self.files)
@@ -58,14 +75,8 @@ class FolderRecords:
     def __getitem__(self, i: int) -> dict:
         p = self.files[i]
         cap_path = p.with_suffix(".txt")
-        try:
-            image = p.read_bytes()
-        except OSError:
-            image = None
-        try:
-            caption = cap_path.read_bytes() if cap_path.exists() else None
-        except OSError:
-            caption = None
+        image = _refusal(read_file, p, self.max_image_bytes, "image")
+        caption = _refusal(read_file, cap_path, MAX_CAPTION_BYTES, "caption") if os.path.lexists(cap_path) else None
         return {"key": str(p.relative_to(self.root)), "image": image, "caption": caption}
 
 
@@ -80,31 +91,38 @@ def _pick(columns: list[str], wanted: str, candidates: tuple[str, ...], field: s
     raise ConfigError(f"data.{field}: none of {candidates} is a column ({columns}); set data.{field}")
 
 
-def _image_bytes(value) -> bytes | None:
+def _read_path(path: str, root: Path, cfg: DataConfig) -> bytes:
+    return read_file(resolve_under(path, root, cfg.allow_absolute_paths), cfg.max_image_bytes, "image")
+
+
+def _image_bytes(value, root: Path, cfg: DataConfig) -> bytes | BadInput | None:
+    """An image cell's bytes: raw bytes, {"bytes", "path"} (a path is read only inside `root`, and within the
+    size cap) or a decoded PIL image; else the BadInput refusing it."""
     if value is None:
         return None
     if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
+        return _refusal(check_size, bytes(value), cfg.max_image_bytes)
+    if isinstance(value, str):  # a column of file names or URLs, not of images
+        return BadInput("image_is_string", value[:80])
     if isinstance(value, dict):
         if value.get("bytes") is not None:
-            return value["bytes"]
+            return _refusal(check_size, value["bytes"], cfg.max_image_bytes)
         if value.get("path"):
-            try:
-                return Path(value["path"]).read_bytes()
-            except OSError:
-                return None
+            return _refusal(_read_path, value["path"], root, cfg)
         return None
     if hasattr(value, "save"):  # an already decoded PIL image
         buf = io.BytesIO()
         value.save(buf, format="PNG")
         return buf.getvalue()
-    return None
+    return BadInput("not_an_image", f"a cell of type {type(value).__name__}")
 
 
 class HFRecords:
-    """Raw records over a `datasets` Dataset or IterableDataset (images left undecoded)."""
+    """Raw records over a `datasets` Dataset or IterableDataset (images left undecoded). `root`: the folder
+    that relative image paths in the data are read from, and that every image path must lie in."""
 
-    def __init__(self, ds, cfg: DataConfig):
+    def __init__(self, ds, cfg: DataConfig, root: str | Path):
+        self.cfg, self.root = cfg, Path(root)
         if ds.column_names is not None:
             columns = list(ds.column_names)
         elif ds.features is not None:
@@ -123,7 +141,8 @@ class HFRecords:
         cap = row.get(self.caption_col)
         if isinstance(cap, list):  # several captions per image: take the first
             cap = cap[0] if cap else None
-        return {"key": str(row.get("__key__", i)), "image": _image_bytes(row.get(self.image_col)), "caption": cap}
+        image = _image_bytes(row.get(self.image_col), self.root, self.cfg)
+        return {"key": str(row.get("__key__", i)), "image": image, "caption": cap}
 
     def __len__(self) -> int:
         if self.streaming:
@@ -163,31 +182,37 @@ def _hf_disk(cfg: DataConfig, split: str):
             ds = ds["train" if "train" in ds else next(iter(ds))]
     if cfg.streaming:
         ds = ds.to_iterable_dataset()
-    return HFRecords(ds, cfg), exact
+    return HFRecords(ds, cfg, cfg.path), exact
 
 
 def _builder(name: str, what: str):
     """A `datasets` packaged builder over the files data.path names (a path or a glob)."""
 
     def read(cfg: DataConfig, split: str):
-        ds = _datasets().load_dataset(name, data_files=_files(cfg.path, what), split="train", streaming=cfg.streaming)
-        return HFRecords(ds, cfg), False
+        files = _files(cfg.path, what)
+        ds = _datasets().load_dataset(name, data_files=files, split="train", streaming=cfg.streaming)
+        return HFRecords(ds, cfg, os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])), False
 
     return read
+
+
+def _webdataset(cfg: DataConfig, split: str):
+    files = _files(cfg.path, "tar shards")
+    return TarRecords(files, cfg, streaming=cfg.streaming, candidates=(IMAGE_COLUMNS, CAPTION_COLUMNS)), False
 
 
 def _imagefolder(cfg: DataConfig, split: str):
     if not Path(cfg.path).is_dir():
         raise ConfigError(f"data.path: {cfg.path} is not a folder")
     ds = _datasets().load_dataset("imagefolder", data_dir=cfg.path, split="train", streaming=cfg.streaming)
-    return HFRecords(ds, cfg), False
+    return HFRecords(ds, cfg, cfg.path), False
 
 
 def _folder(cfg: DataConfig, split: str):
     root = Path(cfg.path)
     if (root / split).is_dir():
-        return FolderRecords(root / split), True
-    return FolderRecords(root), False
+        return FolderRecords(root / split, cfg.max_image_bytes), True
+    return FolderRecords(root, cfg.max_image_bytes), False
 
 
 # name -> reader(cfg, split) -> (records, exact_split); "shapes" is the built-in procedural set (data/shapes.py),
@@ -199,7 +224,7 @@ DATASETS.register("folder", _folder)
 DATASETS.register("hf_disk", _hf_disk)
 DATASETS.register("parquet", _builder("parquet", "parquet files"))
 DATASETS.register("imagefolder", _imagefolder)
-DATASETS.register("webdataset", _builder("webdataset", "tar shards"))
+DATASETS.register("webdataset", _webdataset)
 
 
 def raw_records(cfg: DataConfig, split: str):

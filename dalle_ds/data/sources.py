@@ -38,6 +38,8 @@ def clean_record(rec: dict, cfg: DataConfig, report: PassReport) -> tuple[np.nda
     report.seen += 1
     try:
         caption, cap_conv = decode_caption(rec["caption"])
+        if cap_conv is not None:  # counted whatever becomes of the record: the source has such captions
+            report.converted[cap_conv] += 1
         rule = caption_rejection(caption, cfg)
         if rule is not None:
             report.filtered[rule] += 1
@@ -51,9 +53,8 @@ def clean_record(rec: dict, cfg: DataConfig, report: PassReport) -> tuple[np.nda
     except BadInput as e:
         report.skipped[e.kind] += 1
         return None
-    for conv in (cap_conv, img_conv):
-        if conv is not None:
-            report.converted[conv] += 1
+    if img_conv is not None:
+        report.converted[img_conv] += 1
     report.kept += 1
     return pixels, caption
 

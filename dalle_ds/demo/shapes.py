@@ -30,6 +30,7 @@ from dalle_ds.rerank.train import train_clip
 from dalle_ds.resources import DS_CONFIGS
 from dalle_ds.sampling.generate import generate
 from dalle_ds.sampling.grid import save_grid
+from dalle_ds.training.loop import exit_if_interrupted
 
 # Samples drawn per caption for the reranker: beyond 32 the kept sample stopped getting better, and 48 left
 # every held-out caption at least two right candidates in the pools measured (docs/RESULTS.md).
@@ -62,6 +63,7 @@ def run_demo(
     if not reused:
         t = time.perf_counter()
         dvae_summary = train_dvae(cfg, ds_config=dvae_ds, out_dir=out / "dvae", progress=progress)
+        exit_if_interrupted(dvae_summary, "demo dVAE")
         dvae_path = out / "dvae" / "dvae.pt"
         times["dvae_train_s"] = time.perf_counter() - t
 
@@ -78,6 +80,7 @@ def run_demo(
     prior_summary = train_prior(
         cfg, ds_config=prior_ds, data_dir=out / "tokens", out_dir=out / "prior", progress=progress
     )
+    exit_if_interrupted(prior_summary, "demo prior")
     times["prior_train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

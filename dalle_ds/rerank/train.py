@@ -8,7 +8,8 @@ With clip.hard_negatives > 0, that fraction of each batch comes in pairs of item
 in one word ("a small red square at the top" / "a small red circle at the top"): a reranker compares
 candidates for one caption, and random in-batch negatives rarely teach such fine differences.
 Writes out/clip.pt (config + weights + tokenizer) and out/clip_metrics.json. One process, plain PyTorch:
-the model is small.
+the model is small. A progress bar shows the loss; checkpoints in out/clip_ckpt/ make a stopped run resume
+exactly (rerank/resume.py).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from dalle_ds.config import ExperimentConfig
 from dalle_ds.data.sources import image_dataset
+from dalle_ds.rerank import resume as resume_io
 from dalle_ds.rerank.contrastive import ContrastiveModel
 from dalle_ds.rerank.io import save_clip
 from dalle_ds.tokenizer import CaptionTokenizer
@@ -94,16 +97,31 @@ def retrieval_accuracy(model: ContrastiveModel, tok: CaptionTokenizer, ds, *, n:
 
 
 def train_clip(
-    cfg: ExperimentConfig, out_dir: str | Path, *, tokenizer_path: str | Path | None = None, progress: bool = True
+    cfg: ExperimentConfig,
+    out_dir: str | Path,
+    *,
+    tokenizer_path: str | Path | None = None,
+    progress: bool = True,
+    resume: bool = True,
+    stop_at: int | None = None,
 ) -> dict:
+    """Train (resuming from out_dir/clip_ckpt/ unless resume=False), then write clip.pt and clip_metrics.json.
+
+    Every clip.save_every steps, at the end and when stopped by SIGTERM or Ctrl-C, the whole training state
+    goes to out_dir/clip_ckpt/checkpoint.pt (rerank/resume.py); a resumed run ends with the weights of an
+    uninterrupted one. A stopped run returns {"interrupted": signal number, ...} and writes no clip.pt;
+    `stop_at` ends the run after that step like a finished one (a rerun with a larger stop_at continues)."""
     c = cfg.clip
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out_dir / resume_io.CKPT_DIR
     torch.manual_seed(c.seed)
     rng = np.random.default_rng(c.seed)
     train_set = image_dataset(cfg.data, "train", purpose="prior")
     val_set = image_dataset(cfg.data, "val", purpose="prior")
-    if tokenizer_path is not None:
+    state = resume_io.load(ckpt_dir, cfg) if resume else None
+    if state is not None:
+        tok = CaptionTokenizer.from_json(state["tokenizer"], cfg.tokenizer)
+    elif tokenizer_path is not None:
         tok = CaptionTokenizer.load(tokenizer_path, cfg.tokenizer)
     else:
         caps = [train_set[i]["caption"] for i in range(min(len(train_set), 5000))]
@@ -113,7 +131,6 @@ def train_clip(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / c.steps)))
     )
-    history, t0 = [], time.perf_counter()
     bs = min(c.batch_size, len(train_set))
     captions = index = None
     if c.hard_negatives > 0:
@@ -123,27 +140,60 @@ def train_clip(
             else [train_set[i]["caption"] for i in range(len(train_set))]
         )
         index = neighbour_index(captions)
-    for step in range(c.steps):
-        model.train()
-        idx = draw_batch(len(train_set), bs, rng, captions, index, c.hard_negatives)
-        x, caps = _batch(train_set, idx)
-        loss, stats = model(x, tok.encode_batch(caps, train=False))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if (step + 1) % c.log_every == 0 or step + 1 == c.steps:
-            history.append({"step": step + 1, "loss": loss.detach().item(), **stats})
-            if progress:
-                print(
-                    f"clip step {step + 1}/{c.steps} loss {history[-1]['loss']:.4f} batch acc {stats['acc']:.3f}",
-                    flush=True,
-                )
+    start, history, before = 0, [], 0.0
+    if state is not None:  # last, after everything above that reads data or draws random numbers
+        resume_io.restore(state, model=model, opt=opt, sched=sched, rng=rng, data=train_set)
+        start, history, before = int(state["step"]), list(state["history"]), float(state["seconds"])
+        print(f"clip: resuming from step {start} ({ckpt_dir})", flush=True)
+    end = c.steps if stop_at is None else min(c.steps, stop_at)
+    t0 = time.perf_counter()
+
+    def save(step: int) -> None:
+        resume_io.save(
+            ckpt_dir,
+            step=step,
+            cfg=cfg,
+            model=model,
+            opt=opt,
+            sched=sched,
+            rng=rng,
+            tok=tok,
+            data=train_set,
+            history=history,
+            seconds=before + time.perf_counter() - t0,
+        )
+
+    bar = tqdm(total=c.steps, initial=start, desc="clip", disable=not progress, dynamic_ncols=True)
+    step = start
+    with resume_io.StopFlag() as stop:
+        for step in range(start, end):
+            model.train()
+            idx = draw_batch(len(train_set), bs, rng, captions, index, c.hard_negatives)
+            x, caps = _batch(train_set, idx)
+            loss, stats = model(x, tok.encode_batch(caps, train=False))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            done = step + 1
+            bar.update(1)
+            if done % c.log_every == 0 or done == c.steps:
+                history.append({"step": done, "loss": loss.detach().item(), **stats})
+                bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", batch_acc=f"{stats['acc']:.3f}")
+            if stop.signum is not None or done % c.save_every == 0 or done == end:
+                save(done)
+            if stop.signum is not None:
+                break
+        else:
+            step = end
+    bar.close()
+    if stop.signum is not None:  # the checkpoint of the last finished step is saved; no clip.pt
+        return {"interrupted": stop.signum, "step": step + 1, "path": None, "checkpoint": str(ckpt_dir)}
     val_acc = retrieval_accuracy(model, tok, val_set)
-    save_clip(out_dir / "clip.pt", model.state_dict(), cfg, tok, step=c.steps)
+    save_clip(out_dir / "clip.pt", model.state_dict(), cfg, tok, step=end)
     summary = {
-        "step": c.steps,
-        "seconds": time.perf_counter() - t0,
+        "step": end,
+        "seconds": before + time.perf_counter() - t0,
         "val_retrieval_top1": val_acc,
         "history": history,
         "path": str(out_dir / "clip.pt"),

@@ -10,6 +10,7 @@ import torch
 
 from dalle_ds.config import ConfigError
 from dalle_ds.training.distributed import world_size
+from dalle_ds.training.precision import check_precision, device_capability
 
 REQUIRED_KEYS = ("train_micro_batch_size_per_gpu",)
 
@@ -43,10 +44,7 @@ def load_ds_config(path_or_dict: str | Path | dict) -> dict:
             f"{where}: set train_micro_batch_size_per_gpu and gradient_accumulation_steps, "
             "not train_batch_size (it is derived from them and the world size)"
         )
-    if cfg.get("fp16", {}).get("enabled") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"{where}: fp16.enabled needs a GPU (DeepSpeed refuses fp16 on CPU); use a bf16 or fp32 config on CPU"
-        )
+    check_precision(cfg, where, *device_capability())  # fp16 needs a GPU, bf16 an sm80+ one
     return cfg
 
 

@@ -55,7 +55,7 @@ def make_dirty_folder(root: Path, n_good: int = 6) -> dict:
     put(root, "sixteen.png", png(Image.fromarray(a16)), cap)
     put(root, "latin1.png", png(rgb(seed=18)), "a small café at the top left".encode("latin-1"))
     # filtered
-    put(root, "short.png", png(rgb(seed=19)), b"untitled")
+    put(root, "short.png", png(rgb(seed=19)), b"logo")  # one word, and not boilerplate ("untitled" is)
     put(root, "french.png", png(rgb(seed=20)), b"une petite voiture rouge sur la route")
     put(root, "cyrillic.png", png(rgb(seed=21)), "маленький красный треугольник слева".encode())
     put(root, "boiler.png", png(rgb(seed=22)), b"IMG_1234.JPG photographed on 2014-06-03")
@@ -74,3 +74,22 @@ def make_dirty_folder(root: Path, n_good: int = 6) -> dict:
         "converted": {"grayscale": 1, "cmyk": 1, "rgba": 1, "palette": 1, "high_bit_depth": 1, "caption_not_utf8": 1},
         "filtered": {"caption_too_short": 1, "caption_not_english": 2, "caption_boilerplate": 1, "aspect_ratio": 2},
     }
+
+
+def write_shard(path: Path, samples: list[tuple[str, bytes, bytes]]) -> list[int]:
+    """A webdataset tar of (key, png bytes, caption bytes) samples; returns each sample's first header offset."""
+    import tarfile
+
+    starts = []
+    with tarfile.open(path, "w") as tf:
+        for key, image, caption in samples:
+            starts.append(tf.offset)
+            for ext, data in (("png", image), ("txt", caption)):
+                ti = tarfile.TarInfo(f"{key}.{ext}")
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+    return starts
+
+
+def shard_samples(prefix: str, n: int, seed: int = 0) -> list[tuple[str, bytes, bytes]]:
+    return [(f"{prefix}_{i:03d}", png(rgb(seed=seed + i)), f"{GOOD} number {seed + i}".encode()) for i in range(n)]
