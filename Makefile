@@ -12,7 +12,18 @@ OUT ?= demo_out
 PIP_FLAGS ?= --no-compile
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: demo test bench lint install clean
+# The real-data benchmark (dalle_ds/demo/real.py): emoji pictures of objects from two npm packages (Twemoji,
+# CC-BY 4.0; Noto Emoji, Apache-2.0; see dalle_ds/data/prepare_emoji.py), fetched with `npm pack` into
+# EMOJI_CACHE (only emoji.json and the 64 px PNGs are unpacked), prepared as folder+txt, then dVAE + prior +
+# reranker + the shuffled-caption baseline. Writes REAL_OUT/{recon,samples,samples_shuffled}.png, metrics.json.
+EMOJI_CACHE ?= .cache/emoji
+EMOJI_VERSION := 16.0.0
+EMOJI_STYLES := twitter google
+REAL_PRESET ?= real32
+REAL_SIZE ?= 32
+REAL_OUT ?= realdata_out
+
+.PHONY: demo test bench gpu-check lint install clean realdata realdata-prepare
 
 $(STAMP): requirements.txt setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +40,23 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m dalle_ds.cli.demo --out $(OUT)
 
+$(EMOJI_CACHE)/%/emoji.json:
+	mkdir -p $(EMOJI_CACHE)/$*
+	cd $(EMOJI_CACHE) && npm pack -q emoji-datasource-$*@$(EMOJI_VERSION) >/dev/null
+	tar -xzf $(EMOJI_CACHE)/emoji-datasource-$*-$(EMOJI_VERSION).tgz -C $(EMOJI_CACHE)/$* --strip-components=1 \
+		package/package.json package/LICENSE package/emoji.json package/img/$*/64
+	rm $(EMOJI_CACHE)/emoji-datasource-$*-$(EMOJI_VERSION).tgz
+
+$(EMOJI_CACHE)/data$(REAL_SIZE)/ATTRIBUTION.txt: $(STAMP) $(foreach s,$(EMOJI_STYLES),$(EMOJI_CACHE)/$(s)/emoji.json)
+	rm -rf $(EMOJI_CACHE)/data$(REAL_SIZE)
+	$(PY) -m dalle_ds.data.prepare_emoji $(addprefix $(EMOJI_CACHE)/,$(EMOJI_STYLES)) \
+		--out $(EMOJI_CACHE)/data$(REAL_SIZE) --size $(REAL_SIZE)
+
+realdata-prepare: $(EMOJI_CACHE)/data$(REAL_SIZE)/ATTRIBUTION.txt
+
+realdata: realdata-prepare
+	$(PY) -m dalle_ds.cli.demo --data $(EMOJI_CACHE)/data$(REAL_SIZE) --preset $(REAL_PRESET) --out $(REAL_OUT)
+
 test: $(STAMP)
 	$(PY) -m pytest
 
@@ -39,5 +67,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest -m bench -s
 
+# On one CUDA GPU, about 8 minutes: kernel accuracy, fp16/bf16 training runs, attention timing (dalle_ds/gpu_check.py)
+gpu-check: $(STAMP)
+	$(PY) -m dalle_ds.cli.gpu_check --json bench_results/gpu_check.json
+
 clean:
-	rm -rf $(OUT) bench_results
+	rm -rf $(OUT) bench_results $(REAL_OUT)

@@ -568,6 +568,47 @@ def preset_real64() -> ExperimentConfig:
     return _real(64)
 
 
+def preset_real256_gpu() -> ExperimentConfig:
+    """Real captioned pictures at 256 px on one GPU: the paper's 32x32 grid of 8x8 px tokens, a 24-layer prior.
+
+    Not trained here (no GPU on these machines): sizes follow real32 scaled towards the paper (codebook 8192,
+    text 64 tokens of 16384) and the step counts fit roughly a day on one H100 by the FLOP estimate in the
+    README's preset table. Pair it with ds_configs/gpu_zero2_bf16.json (batch and precision live there).
+    data.path defaults to `make realdata-prepare REAL_SIZE=256`'s folder, but the emoji sources are 64 px
+    (upscaled): point it at your own larger pictures."""
+    cfg = _real(32)
+    cfg.data.image_size, cfg.data.path = 256, ".cache/emoji/data256"
+    cfg.tokenizer = TokenizerConfig(vocab_size=16384, text_len=64)
+    cfg.dvae = DVAEConfig(image_size=256, n_hid=128, n_groups=4, n_blk_per_group=2, n_init=128, vocab_size=8192)
+    cfg.dvae_train = DVAETrainConfig(
+        steps=100_000,
+        lr=1e-3,
+        lr_end=1e-5,
+        lr_decay_steps=100_000,
+        kl_weight=1.0,
+        kl_warmup_steps=0,
+        mse_warmup=10.0,
+        mse_warmup_steps=5000,
+        temp_anneal_steps=80_000,
+        ema_decay=0.999,
+        save_every=5000,
+    )
+    cfg.prior = PriorConfig(
+        text_len=64,
+        text_vocab_size=16384,
+        image_grid=32,
+        image_vocab_size=8192,
+        d_model=1024,
+        n_layers=24,
+        n_heads=16,
+        conv_kernel=11,
+        dropout=0.1,
+    )
+    cfg.prior_train = PriorTrainConfig(steps=100_000, lr=4.5e-4, warmup_steps=2000, weight_decay=4.5e-2)
+    cfg.clip = ClipConfig(embed_dim=256, width=128, text_layers=2, heads=4, steps=20_000, batch_size=256)
+    return cfg
+
+
 def preset_tiny() -> ExperimentConfig:
     """Seconds-fast model for CPU tests; every code path, nothing learned."""
     return ExperimentConfig(
@@ -597,6 +638,7 @@ PRESETS = {
     "shapes": preset_shapes,
     "real32": preset_real32,
     "real64": preset_real64,
+    "real256_gpu": preset_real256_gpu,
     "small": preset_small,
     "12b": preset_12b,
 }

@@ -84,8 +84,16 @@ def _flex_fn(spec, permuted: bool, L: int, device: torch.device, block: int):
     block_mask = create_block_mask(
         flex_mask_mod(spec, permuted, device), B=None, H=None, Q_LEN=L, KV_LEN=L, device=device, BLOCK_SIZE=block
     )
-    compiled = torch.compile(flex_attention, dynamic=False)
-    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+    if block >= 128:
+        compiled = torch.compile(flex_attention, dynamic=False)
+        return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+    # A BlockMask finer than 128 (the Triton backend's 64, for the same tiles): Inductor (torch 2.13) refuses a
+    # mask block its kernel tile does not divide. Its default forward tile is 128 rows on A100/H100 (set 64
+    # here); its one default backward config at head size 64 on H100 has 128-wide tiles, so only max-autotune,
+    # which also offers 32/64 tiles, has a backward kernel for it (slower to compile).
+    compiled = torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs")
+    opts = {"fwd_BLOCK_M": block, "fwd_BLOCK_N": block}
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask, kernel_options=opts)
 
 
 def _backend_fn(backend: str, layout: str, spec, device: torch.device, L: int, flex_block: int):

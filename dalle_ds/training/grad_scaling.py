@@ -27,10 +27,26 @@ This runs before the rest of the step (node_exchange.py's exchange, DeepSpeed's 
 they all see unscaled gradients. A standalone scaler (no engine) keeps the older per-parameter tensor hook
 (`unscale_params="hook"`: ÷ s_b, inf/NaN → 0 and flag, in the gradient's dtype) or `"defer"`.
 
-On a step where block b had a non-finite parameter gradient (on any rank):
+With optimizer offload ZeRO-3 keeps two copies of the local gradient: the fp32 host gradient the optimizer
+and the clipping norm use (what `safe_get/set_local_grad` reach) and the 16-bit partition DeepSpeed's fp16
+overflow check reads; `put` writes both, so a zeroed block is zero in both. ZeRO-1/2 with optimizer offload
+is refused: DeepSpeed computes the clipping norm and the overflow flag while it copies the gradients to
+the host during the reduce, before this stage runs.
+
+DeepSpeed's fp16 loss scale S. DeepSpeed multiplies the loss by S and divides the gradients by S in its
+step; the stream, embeddings and head (fp16 under DeepSpeed's fp16 engine, unlike the paper's fp32 stream)
+need it. Inside branch b the per-block scale *replaces* S instead of multiplying it: the multiply on the
+branch output is by s_b / S and the unscale on its input by the same factor, so tensors inside the branch
+(activation gradients, parameter gradients through the reduce) carry s_b and everything else carries S;
+no tensor carries S·s_b. The step stage divides parameter gradients by s_b / S, leaving them at S for
+DeepSpeed's own unscale. Without fp16 (or with no loss scaler) S = 1 and this is the plain s_b.
+
+On a step where block b had a non-finite gradient (on any rank), a parameter gradient or the activation
+gradient the filter zeroed on the branch's input:
   * its scale backs off (÷2 in `pow2` mode; ÷√2 at most once per 125-step window in `paper` mode);
-  * policy `skip`: the whole optimizer update is skipped (the paper); `zero_block`: b's local gradients are
-    zeroed (through the same accessors as the unscale) and the step goes on.
+  * its local gradients are zeroed (through the same accessors as the unscale), so DeepSpeed's fp16
+    overflow check sees no inf/NaN from it and leaves S alone: the block's own scale has backed off;
+  * policy `skip`: the whole optimizer update is skipped (the paper); `zero_block`: the step goes on.
 Clean blocks grow (`pow2`: ×2 after `growth_interval` clean steps; `paper`: ×2^(1/1000) each step), then
 every scale is clamped to [M·2^min_log2, M·2^max_log2] (M = data-parallel world size).
 With power-of-two scales, fp32/bf16 arithmetic is exactly scale-equivariant (barring over/underflow),
@@ -45,6 +61,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dalle_ds.errors import ConfigError
 from dalle_ds.registry import Registry
 from dalle_ds.training.step_pipeline import StepContext
 
@@ -82,7 +99,7 @@ class _ScaleGrad(_BlockIdentity):
 
     @staticmethod
     def backward(ctx, g):
-        g = g * ctx.scaler.scales[ctx.block]
+        g = g * ctx.scaler.branch_factor(ctx.block)
         inject = ctx.scaler.inject.get(ctx.block)
         if inject is not None and inject[0] == "activation":  # test hook: an overflow inside the branch
             g = g.clone()
@@ -98,7 +115,7 @@ class _UnscaleFilter(_BlockIdentity):
         finite = torch.isfinite(g)
         ctx.scaler._activation_bad[ctx.block] += (~finite).sum()
         g = torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device))
-        return g / ctx.scaler.scales[ctx.block], None, None
+        return g / ctx.scaler.branch_factor(ctx.block), None, None
 
 
 def prior_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -134,6 +151,8 @@ class ResblockGradScaler:
         self.step_count = 0
         self.skipped = 0
         self.grad_access = None  # (get, put) of the local reduced gradients, set by scaler_for
+        self.global_scale: Callable[[], float] = lambda: 1.0  # DeepSpeed's fp16 loss scale S (scaler_for)
+        self.last_nonfinite = {"param": 0, "activation": 0}  # elements flagged on the last step, all ranks
         self.backoffs = [0] * n
         self.last_bad: list[int] = []  # blocks flagged on the most recent step
         self.inject: dict[int, tuple[str, float]] = {}  # test hook: block -> (where, value)
@@ -147,6 +166,11 @@ class ResblockGradScaler:
             self._handles.append(mod.register_forward_hook(self._post_hook(b)))
             for p in self.params[b]:
                 self._handles.append(p.register_hook(self._param_hook(b)))
+
+    def branch_factor(self, b: int) -> float:
+        """s_b / S: what block b's gradients are multiplied by on entering the branch and divided by on leaving
+        it (and, for its parameter gradients, at the step), so inside the branch they carry s_b, not S·s_b."""
+        return self.scales[b] / self.global_scale()
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -177,7 +201,7 @@ class ResblockGradScaler:
             finite = torch.isfinite(g)
             self._param_bad[b] += (~finite).sum()
             g = torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device))
-            return g / self.scales[b] if self.unscale_params == "hook" else g
+            return g / self.branch_factor(b) if self.unscale_params == "hook" else g
 
         return hook
 
@@ -185,14 +209,14 @@ class ResblockGradScaler:
         """Per block, the parameter gradients in fp32, unscaled (with unscale_params="defer")."""
         div = self.unscale_params == "defer"
         return [
-            [(p.grad.float() / self.scales[b] if div else p.grad.float()) for p in ps if p.grad is not None]
+            [(p.grad.float() / self.branch_factor(b) if div else p.grad.float()) for p in ps if p.grad is not None]
             for b, ps in enumerate(self.params)
         ]
 
     @torch.no_grad()
     def unscale_local(self, get, put) -> list[int]:
         """At an accumulation boundary (unscale_params="step"): flag every block with a non-finite local
-        gradient, divide each local gradient by its block's scale (`get(p)` -> tensor or None,
+        gradient, divide each local gradient by its block's s_b / S (`get(p)` -> tensor or None,
         `put(p, value)` writes it back), then return the blocks flagged on any rank (collective)."""
         for b, ps in enumerate(self.params):
             for p in ps:
@@ -200,7 +224,7 @@ class ResblockGradScaler:
                 if g is None:
                     continue
                 self._param_bad[b] += (~torch.isfinite(g)).sum()
-                put(p, g / self.scales[b])  # exact for pow2; with fp32 shards no underflow either
+                put(p, g / self.branch_factor(b))  # exact for pow2; with fp32 shards no underflow either
         return self.nonfinite_blocks()
 
     def remove(self) -> None:
@@ -211,11 +235,15 @@ class ResblockGradScaler:
     # -- once per optimizer step ----------------------------------------------------------------
 
     def nonfinite_blocks(self) -> list[int]:
-        """Blocks with a non-finite parameter gradient on any rank since the last step (collective)."""
-        bad = self._param_bad.clone()
+        """Blocks with a non-finite gradient on any rank since the last step (collective): a parameter gradient,
+        or the activation gradient the filter zeroed on the branch's input (the stream below the block then
+        missed those elements, even where the parameter gradients stayed finite)."""
+        counts = torch.stack([self._param_bad, self._activation_bad])  # (2, blocks) elements, this rank
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        return [i for i, v in enumerate(bad.tolist()) if v > 0]
+            torch.distributed.all_reduce(counts)  # sums: one collective for the flags and the stats
+        param, act = counts.tolist()
+        self.last_nonfinite = {"param": int(sum(param)), "activation": int(sum(act))}
+        return [i for i, (p, a) in enumerate(zip(param, act)) if p > 0 or a > 0]
 
     def update(self, bad: list[int]) -> None:
         """Back off flagged blocks, grow the others, clamp; reset the flags."""
@@ -260,6 +288,8 @@ class ResblockGradScaler:
             "gscale/log2_mean": sum(logs) / len(logs),
             "gscale/skipped": float(self.skipped),
             "gscale/bad_blocks": float(len(self.last_bad)),
+            "gscale/nonfinite_param": float(self.last_nonfinite["param"]),  # elements, last step, all ranks
+            "gscale/nonfinite_activation": float(self.last_nonfinite["activation"]),
         }
 
     def state_dict(self) -> dict:
@@ -295,10 +325,28 @@ def _zero_stage(engine) -> int:
 def _local_grad_access(engine):
     """(get, put) for a parameter's local, already reduced gradient at an accumulation boundary."""
     stage = _zero_stage(engine)
+    opt = engine.optimizer
+    offload = bool(getattr(opt, "offload_optimizer", False) or getattr(opt, "cpu_offload", False))
     if stage == 3:
         from deepspeed.utils import safe_get_local_grad, safe_set_local_grad  # noqa: PLC0415
 
-        return safe_get_local_grad, safe_set_local_grad
+        if not offload:  # one copy: the partition the step and the overflow check read
+            return safe_get_local_grad, safe_set_local_grad
+
+        def put3(p, value):
+            safe_set_local_grad(p, value)  # the fp32 host gradient (and its norm for clipping)
+            # and the 16-bit partition the fp16 overflow check reads (DeepSpeed 0.19's private ds_id -> partition
+            # map, looked up per call rather than held)
+            partition = opt._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition[p.ds_id]
+            partition.narrow(0, 0, value.numel()).copy_(value)
+
+        return safe_get_local_grad, put3
+    if offload:
+        raise ConfigError(
+            f"per-resblock gradient scaling with ZeRO-{stage} and offload_optimizer: DeepSpeed computes the "
+            "clipping norm and the overflow flag while it copies gradients to the host, before the scales come "
+            "off; use ZeRO-3 (ds_configs/*zero3_offload*.json) or no offload"
+        )
     if stage in (1, 2):
         # The local fragment of the flat reduced gradient (a view the step reads; None where this rank owns
         # no part of p). The same object safe_get_full_grad reads, without its all-reduce of the full tensor.
@@ -352,20 +400,27 @@ SCALING_MODES.register("pow2", ScaleRule(_halve, _double_after_interval))  # exa
 SCALING_MODES.register("paper", ScaleRule(_sqrt2_once_per_window, _grow_each_step))  # PAPER §4.2, fp16
 
 
-def _skip_update(scaler: ResblockGradScaler, bad: list[int], ctx: StepContext) -> None:
-    """The paper's policy: a non-finite gradient anywhere skips the whole optimizer update."""
-    if bad:
-        ctx.skip = True
-
-
-def _zero_blocks(scaler: ResblockGradScaler, bad: list[int], ctx: StepContext) -> None:
-    """Zero the flagged blocks' local gradients; every other block takes its step."""
+def _zero_flagged(scaler: ResblockGradScaler, bad: list[int]) -> None:
+    """Zero the flagged blocks' local gradients (every copy `put` reaches)."""
     get, put = scaler.grad_access
     for b in bad:
         for p in scaler.params[b]:
             g = get(p)
             if g is not None:
                 put(p, torch.zeros_like(g))
+
+
+def _skip_update(scaler: ResblockGradScaler, bad: list[int], ctx: StepContext) -> None:
+    """The paper's policy: a non-finite gradient anywhere skips the whole optimizer update. The flagged blocks
+    are zeroed as well, so DeepSpeed's fp16 overflow check does not halve S for what s_b already handled."""
+    _zero_flagged(scaler, bad)
+    if bad:
+        ctx.skip = True
+
+
+def _zero_blocks(scaler: ResblockGradScaler, bad: list[int], ctx: StepContext) -> None:
+    """Zero the flagged blocks' local gradients; every other block takes its step."""
+    _zero_flagged(scaler, bad)
 
 
 # prior_train.grad_scaling_policy -> fn(scaler, bad blocks, step context)
@@ -379,4 +434,17 @@ def scaler_for(engine, model: torch.nn.Module, policy: ScalingPolicy) -> Resbloc
     to the engine's StepPipeline (training/step_pipeline.py)."""
     scaler = ResblockGradScaler(prior_blocks(model), policy, unscale_params="step")
     scaler.grad_access = _local_grad_access(engine)
+    scaler.global_scale = loss_scale_reader(engine)
     return scaler
+
+
+def loss_scale_reader(engine) -> Callable[[], float]:
+    """() -> the loss scale S DeepSpeed multiplies the loss by (its fp16 dynamic or static scale; 1 in bf16 and
+    fp32, or where the optimizer has no loss scaler). Read as a python float: no device sync in backward."""
+    opt = engine.optimizer
+
+    def read() -> float:
+        s = getattr(opt, "loss_scale", None)
+        return 1.0 if s is None else float(s)
+
+    return read

@@ -9,7 +9,8 @@ or within a node (`--set prior_train.compression=powersgd|onebit|fp32`, as train
 ds_config's offload_optimizer/offload_param taken off the GPU and counted as host memory per node; the paper's own
 storage (16-bit moments, no master copy) for comparison; the bytes each node sends to the others
 per step uncompressed, with PowerSGD at the paper's rank (896 per node = 112 per GPU, PAPER §5.3) and with
-1-bit sign compression; and whether it fits a 16 GB V100.
+1-bit sign compression; and whether it fits the GPU's memory: `--gpu-memory GB`, else the hostfile's
+`# gpu_memory_gb: N` line (with an optional `# gpu: NAME` label), else a 16 GB V100 (the paper's cluster).
 
 Accounting (bytes per parameter; N = all GPUs, n = GPUs per node, b = micro-batch, s = sequence, d = width):
   * ZeRO-3 model states per GPU, S = GPUs a shard set spans (N, or n when sharded within a node): 16-bit
@@ -43,7 +44,7 @@ from dalle_ds.config import ConfigError, apply_overrides, get_preset
 from dalle_ds.prior.model import Prior
 
 GiB = 1024**3
-V100_BYTES = 16 * 1000**3  # "16 GB": 16e9 bytes (~14.9 GiB)
+DEFAULT_GPU = (16.0, "16 GB V100")  # the paper's GPU; "16 GB" taken as 16e9 bytes (~14.9 GiB), conservative
 CUDA_RESERVED = int(1.0 * GiB)  # CUDA context, NCCL buffers, allocator fragmentation (assumed)
 POWERSGD_RANK_PER_NODE = 896  # PAPER §5.3, Table 1 (12B): 112 per GPU x 8
 
@@ -58,6 +59,36 @@ def read_hostfile(path: str | Path) -> list[int]:
     if not hosts:
         raise ConfigError(f"--hostfile: {path} lists no `host slots=N` lines")
     return list(hosts.values())
+
+
+def hostfile_gpu(path: str | Path) -> tuple[float | None, str | None]:
+    """(GB, label) from the hostfile's `# gpu_memory_gb: N` and `# gpu: NAME` comment lines (DeepSpeed's parser
+    skips comments), or None where a line is absent."""
+    gb = label = None
+    for line in Path(path).read_text().splitlines():
+        key, _, value = line.lstrip("# ").partition(":") if line.startswith("#") else ("", "", "")
+        if key.strip() == "gpu_memory_gb":
+            try:
+                gb = float(value)
+            except ValueError:
+                raise ConfigError(
+                    f"--hostfile: {path}: gpu_memory_gb must be a number, got {value.strip()!r}"
+                ) from None
+        elif key.strip() == "gpu":
+            label = value.strip()
+    return gb, label
+
+
+def gpu_memory(hostfile: str | Path, gb: float | None = None) -> tuple[float, str]:
+    """(GB per GPU, label): the --gpu-memory argument, else the hostfile's lines, else a 16 GB V100."""
+    file_gb, file_label = hostfile_gpu(hostfile)
+    if gb is not None:
+        if gb <= 0:
+            raise ConfigError(f"--gpu-memory must be > 0 GB, got {gb}")
+        return gb, f"{gb:g} GB GPU"
+    if file_gb is not None:
+        return file_gb, file_label or f"{file_gb:g} GB GPU"
+    return DEFAULT_GPU
 
 
 def meta_prior(preset: str, overrides: list[str] | None = None):
@@ -122,9 +153,11 @@ def plan(
     ds_config: dict | None = None,
     micro_batch: int | None = None,
     overrides: list[str] | None = None,
+    gpu_memory_gb: float | None = None,
 ) -> dict:
     model, cfg = meta_prior(preset, overrides)
     slots = read_hostfile(hostfile)
+    gpu_gb, gpu_label = gpu_memory(hostfile, gpu_memory_gb)
     nodes, per_node = len(slots), max(slots)
     N = sum(slots)
     ds = ds_config or {}
@@ -158,7 +191,7 @@ def plan(
         "checkpoint_every_layer": L * 4 * s * b * d + per_layer_full + logits,
     }
     working = (2 * largest_layer * 2 + 2 * int(zero.get("stage3_prefetch_bucket_size", 5e7))) if stage == 3 else 0
-    budget = V100_BYTES - CUDA_RESERVED
+    budget = int(gpu_gb * 1000**3) - CUDA_RESERVED
 
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs  # noqa: PLC0415
 
@@ -318,7 +351,9 @@ def plan(
             "powersgd_ratio": (psgd + unc32) / (unc16 + unc32),
             "one_bit_ratio": (onebit + unc32) / (unc16 + unc32),
         },
-        "v100_16gb": {
+        "gpu_memory": {
+            "label": gpu_label,
+            "bytes": int(gpu_gb * 1000**3),
             "budget_bytes": budget,
             "fits_without_checkpointing": total_no_ckpt <= budget,
             "fits_with_checkpointing": total_ckpt <= budget,
@@ -333,7 +368,7 @@ def _yn(ok: bool) -> str:
 def format_report(report: dict) -> str:
     g = lambda x: f"{x / GiB:8.2f} GiB"  # noqa: E731
     pr, m, a = report["params"], report["per_gpu_bytes"], report["per_gpu_bytes"]["activations"]
-    e, net, v = report["deepspeed_estimator"], report["internode_bytes_per_node_per_step"], report["v100_16gb"]
+    e, net, v = report["deepspeed_estimator"], report["internode_bytes_per_node_per_step"], report["gpu_memory"]
     off, pa = report["offload"], report["paper_storage"]
     where = lambda k: f" [offloaded to {off[k]}]" if off[k] else ""  # noqa: E731
     scope = (
@@ -378,7 +413,7 @@ def format_report(report: dict) -> str:
         f"between nodes, per node per step: uncompressed {g(net['uncompressed'])}, PowerSGD rank "
         f"{net['powersgd_rank_per_gpu']}/GPU {g(net['powersgd'])} ({net['powersgd_ratio']:.1%}), 1-bit "
         f"{g(net['one_bit'])} ({net['one_bit_ratio']:.1%})",
-        f"fits a 16 GB V100 (budget {g(v['budget_bytes'])}), without / with checkpointing:",
+        f"fits one {v['label']} (budget {g(v['budget_bytes'])}), without / with checkpointing:",
     ]
     for name, lay in report["layouts"].items():
         what = (

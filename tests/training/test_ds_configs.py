@@ -13,8 +13,12 @@ EXPECT = {  # file -> (ZeRO stage, precision, optimizer offload, ZeRO++ hpZ part
     "cpu_zero3_offload_fp32.json": (3, "fp32", "cpu", 1, False, False),
     "demo_dvae.json": (0, None, None, 1, False, False),  # precision is the demo's choice
     "demo_prior.json": (0, None, None, 1, False, False),
+    "gpu_default_bf16.json": (2, "bf16", None, 1, False, False),
+    "gpu_default_fp16.json": (2, "fp16", None, 1, False, False),
     "gpu_zero2_bf16.json": (2, "bf16", None, 1, False, False),
     "gpu_zero3_bf16.json": (3, "bf16", None, 1, False, False),
+    "gpu_zero3_bf16_12b.json": (3, "bf16", None, 1, False, False),
+    "gpu_zero3_bf16_12b_offload.json": (3, "bf16", "cpu", 1, False, False),
     "gpu_zero3_fp16_12b_v100.json": (3, "fp16", None, 1, False, False),
     "gpu_zero3_fp16_12b_v100_offload.json": (3, "fp16", "cpu", 1, False, False),
     "gpu_zero3_offload_bf16.json": (3, "bf16", "cpu", 1, False, False),

@@ -64,7 +64,7 @@ def test_agrees_with_deepspeed_estimator_and_paper_compression(report):
     assert net["one_bit_ratio"] < 0.1
     act = report["per_gpu_bytes"]["activations"]
     assert act["checkpoint_every_layer"] < act["no_checkpointing"] / 4
-    assert report["v100_16gb"]["fits_with_checkpointing"]
+    assert report["gpu_memory"]["fits_with_checkpointing"]
 
 
 def test_cli_writes_json_and_tiny_count_matches_real_model(tmp_path, capsys):
@@ -74,7 +74,7 @@ def test_cli_writes_json_and_tiny_count_matches_real_model(tmp_path, capsys):
     main(["--preset", "tiny", "--hostfile", str(REPO / "hostfiles/localhost"), "--json", str(tmp_path / "p.json")])
     out = json.loads((tmp_path / "p.json").read_text())
     assert out["params"]["total"] == Prior(get_preset("tiny").prior).num_params()
-    assert out["gpus"] == 2 and "fits a 16 GB V100" in capsys.readouterr().out
+    assert out["gpus"] == 2 and "fits one 16 GB V100" in capsys.readouterr().out
 
 
 def _close(x, y, rel=1e-9):
@@ -104,7 +104,7 @@ def test_node_local_layout_hand_formulas_and_estimator(node_local):
     e = r["deepspeed_estimator"]  # DeepSpeed's own: 4 x largest layer + 18 P / (8 GPUs x 1 node)
     assert _close(e["gpu_model_states"], 4 * r["params"]["largest_layer"] + 18 * P / 8, 1e-6)
     assert 0.9 < e["ratio"] < 1.1
-    v = r["v100_16gb"]
+    v = r["gpu_memory"]
     assert not v["fits_with_checkpointing"] and not v["fits_without_checkpointing"]
     assert r["layouts"]["node_local_offload"]["fits_with_checkpointing"]  # the hint: offload the optimizer
     assert r["layouts"]["all_gpus"]["fits_with_checkpointing"]
@@ -122,7 +122,7 @@ def test_node_local_with_optimizer_offload(node_local_offload, node_local):
     assert _close(r["host_bytes_per_node"], 18 * P + 8 * comp)
     assert _close(e["host_ratio"], 18 / 16, 1e-6)
     assert 0.9 < e["ratio"] < 1.1
-    assert r["v100_16gb"]["fits_with_checkpointing"]
+    assert r["gpu_memory"]["fits_with_checkpointing"]
     assert "node_local_offload" not in r["layouts"]  # the config offloads already
 
 
@@ -151,3 +151,57 @@ def test_cli_set_selects_node_local_layout(capsys):
     out = capsys.readouterr().out
     assert "sharded within each node (8 GPUs; compression onebit)" in out
     assert "host memory per node for offloaded states" in out and "paper's storage" in out
+
+
+@pytest.fixture(scope="module")
+def a100():
+    """The bf16 path: hostfiles/a100 (16 x 8 GPUs of 80 GB, read from its comment lines), 12B bf16 config."""
+    return plan("12b", REPO / "hostfiles/a100", _ds("gpu_zero3_bf16_12b.json"))
+
+
+def test_a100_hostfile_sets_the_gpu_memory(a100):
+    """`# gpu_memory_gb: 80` in the hostfile: budget 80e9 bytes less the 1 GiB reserve; micro-batch 4 x 2
+    accumulation x 128 GPUs is the paper's batch 1024; the states are 20 B per parameter / 128 and, without
+    checkpointing, the activations fit too (they do not at micro-batch 4 on a 16 GB V100)."""
+    g, P = a100["gpu_memory"], a100["params"]["total"]
+    assert (g["label"], g["bytes"], g["budget_bytes"]) == ("80 GB A100/H100", 80 * 10**9, 80 * 10**9 - GiB)
+    assert (a100["nodes"], a100["gpus"], a100["micro_batch"]) == (16, 128, 4)
+    assert _ds("gpu_zero3_bf16_12b.json")["gradient_accumulation_steps"] * 4 * 128 == 1024
+    m = a100["per_gpu_bytes"]
+    assert _close(m["model_states"], 20 * P / 128)
+    assert g["fits_without_checkpointing"] and m["total_no_checkpointing"] < 48 * GiB
+    node_local = a100["layouts"]["node_local"]  # PowerSGD between nodes: 1/8 of the states per GPU, no offload
+    assert node_local["fits_with_checkpointing"] and not node_local["fits_without_checkpointing"]
+    v100 = plan("12b", REPO / "hostfiles/a100", _ds("gpu_zero3_bf16_12b.json"), gpu_memory_gb=16)
+    assert v100["gpu_memory"]["label"] == "16 GB GPU" and not v100["gpu_memory"]["fits_without_checkpointing"]
+
+
+def test_gpu_memory_argument_and_bad_hostfile_line(tmp_path, capsys):
+    """--gpu-memory overrides the hostfile (40 GB A100s: node-local sharding then needs the optimizer offloaded,
+    `gpu_zero3_bf16_12b_offload.json`); a non-numeric gpu_memory_gb line is a one-line config error."""
+    from dalle_ds.config import ConfigError
+
+    main(
+        [
+            "--preset",
+            "12b",
+            "--hostfile",
+            str(REPO / "hostfiles/a100"),
+            "--ds-config",
+            str(REPO / "ds_configs/gpu_zero3_bf16_12b.json"),
+            "--gpu-memory",
+            "40",
+            "--set",
+            "prior_train.compression=powersgd",
+            "--json",
+            str(tmp_path / "p.json"),
+        ]
+    )
+    out = json.loads((tmp_path / "p.json").read_text())
+    assert out["gpu_memory"]["bytes"] == 40 * 10**9 and "fits one 40 GB GPU" in capsys.readouterr().out
+    assert not out["layouts"]["node_local"]["fits_with_checkpointing"]
+    assert out["layouts"]["node_local_offload"]["fits_with_checkpointing"]
+    bad = tmp_path / "hosts"
+    bad.write_text("# gpu_memory_gb: eighty\nnode-0 slots=8\n")
+    with pytest.raises(ConfigError, match="gpu_memory_gb must be a number"):
+        plan("tiny", bad)
