@@ -22,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from dalle_ds.config import ExperimentConfig
+from dalle_ds.data.records import raw_records
 from dalle_ds.data.report import PassReport
 from dalle_ds.data.sources import image_dataset, stream_items
 from dalle_ds.data.tokens import TokenTable
@@ -78,8 +80,11 @@ def encode_shard(
     chunk: int = 4096,
     batch: int = 256,
     stop_after_chunks: int | None = None,
+    progress: bool = False,
 ) -> dict:
-    """Encode rank `rank`'s share of `split` into parquet chunks, resuming from its progress file."""
+    """Encode rank `rank`'s share of `split` into parquet chunks, resuming from its progress file.
+    `progress` shows a bar (stderr) over the shard's raw records (kept or not; its length unknown when
+    streaming)."""
     import datasets  # noqa: PLC0415
 
     dvae.eval()
@@ -122,7 +127,16 @@ def encode_shard(
         _write_json(prog_path, prog)
 
     position = prog["position"]
+    bar = tqdm(
+        total=_shard_size(cfg, split, rank, world) if progress else None,
+        initial=position,
+        desc=f"encode {split}",
+        unit="rec",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     for position, item in _items(cfg, split, rank, world, prog["position"], report):
+        bar.update(position - bar.n)
         caps.append(item["caption"])
         imgs.append(item["image"])
         if len(imgs) == batch:
@@ -130,10 +144,24 @@ def encode_shard(
         if len(caps) == chunk:
             flush_chunk(position)
             if stop_after_chunks is not None and written_now >= stop_after_chunks:
+                bar.close()
                 return prog  # a deliberate interruption (tests); a rerun resumes
     prog["done"] = True
     flush_chunk(position)
+    if bar.total is not None:  # records after the last kept one were read too
+        bar.update(bar.total - bar.n)
+    bar.close()
     return prog
+
+
+def _shard_size(cfg: ExperimentConfig, split: str, rank: int, world: int) -> int | None:
+    """Raw records in rank `rank`'s share of `split` (what `position` counts), None for a streaming source."""
+    if cfg.data.dataset == "shapes":
+        return len(range(rank, cfg.data.num_train if split == "train" else cfg.data.num_val, world))
+    records, _ = raw_records(cfg.data, split)
+    if getattr(records, "streaming", False):
+        return None
+    return len(range(rank, len(records), world))
 
 
 def merge_parts(out_dir: str | Path, splits: tuple[str, ...], world: int) -> bool:
@@ -192,6 +220,7 @@ def encode_to_disk(
     chunk: int = 4096,
     batch: int = 256,
     stop_after_chunks: int | None = None,
+    progress: bool = False,
 ) -> Path:
     """Encode every split (this rank's share), then merge if all ranks are done. Returns out_dir."""
     if cfg.dvae.vocab_size > 65536:
@@ -208,6 +237,7 @@ def encode_to_disk(
             chunk=chunk,
             batch=batch,
             stop_after_chunks=stop_after_chunks,
+            progress=progress,
         )
         if not prog["done"]:
             return out_dir

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
+from tqdm import tqdm
 
 BLUR_RADII = (0, 1, 2, 4, 8)
 INPUT_RANGE = (-1.0, 0.9921875)
@@ -43,8 +44,8 @@ class InceptionFeatures:
         self.batch, self.size = batch, size
 
     @torch.no_grad()
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, H, W, 3) -> float64 (N, 2048)."""
+    def __call__(self, images: np.ndarray, bar=None) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> float64 (N, 2048); `bar` (a tqdm) advances by the images done."""
         feats = []
         for s in range(0, len(images), self.batch):
             x = torch.from_numpy(np.ascontiguousarray(images[s : s + self.batch])).permute(0, 3, 1, 2).float() / 255
@@ -55,6 +56,8 @@ class InceptionFeatures:
             if f.ndim > 2:
                 f = f.mean(dim=list(range(2, f.ndim)))
             feats.append(f.double().numpy())
+            if bar is not None:
+                bar.update(len(f))
         return np.concatenate(feats)
 
 
@@ -86,15 +89,34 @@ def frechet_distance(mu1, s1, mu2, s2) -> float:
 
 
 def fid(
-    real: np.ndarray, fake: np.ndarray, *, radii: Iterable[float] = (0,), features: InceptionFeatures | None = None
+    real: np.ndarray,
+    fake: np.ndarray,
+    *,
+    radii: Iterable[float] = (0,),
+    features: InceptionFeatures | None = None,
+    progress: bool = False,
 ) -> dict[float, float]:
-    """FID between two uint8 (N, H, W, 3) sets at each blur radius (applied to both sides)."""
+    """FID between two uint8 (N, H, W, 3) sets at each blur radius (applied to both sides). `progress` shows
+    one bar (stderr) over every image the Inception network reads: (real + fake) x radii."""
     features = features or InceptionFeatures()
+    radii = list(radii)
+    total = len(radii) * (len(real) + (0 if fake is real else len(fake)))
+    bar = tqdm(total=total, desc="Inception features", unit="img", disable=not progress, dynamic_ncols=True)
     out = {}
     for r in radii:
-        fr = statistics(features(blur(real, r)))
-        ff = fr if fake is real else statistics(features(blur(fake, r)))
+        fr = statistics(_read(features, blur(real, r), bar))
+        ff = fr if fake is real else statistics(_read(features, blur(fake, r), bar))
         out[r] = frechet_distance(*fr, *ff)
+    bar.close()
+    return out
+
+
+def _read(features, images: np.ndarray, bar) -> np.ndarray:
+    """features(images), advancing `bar` per Inception batch (or at once for another feature extractor)."""
+    if isinstance(features, InceptionFeatures):
+        return features(images, bar)
+    out = features(images)
+    bar.update(len(images))
     return out
 
 

@@ -45,10 +45,12 @@ def load_folder(path: str | Path, size: int) -> np.ndarray:
     return np.stack(out)
 
 
-def composition_with_rerank(prior, tok, dvae, reranker, cfg, *, captions: list[str], candidates: int) -> dict:
+def composition_with_rerank(
+    prior, tok, dvae, reranker, cfg, *, captions: list[str], candidates: int, progress: bool = False
+) -> dict:
     """Held-out composition accuracy of all N candidates (= an unreranked sample) and of the reranker's top-1."""
     cfg.sample.num_per_caption = candidates
-    images = generate(prior, tok, dvae, captions, cfg.sample)
+    images = generate(prior, tok, dvae, captions, cfg.sample, progress="sampling held-out" if progress else None)
     labels = [c for c in captions for _ in range(candidates)]
     out = {
         "captions": len(captions),
@@ -63,7 +65,7 @@ def composition_with_rerank(prior, tok, dvae, reranker, cfg, *, captions: list[s
     return out
 
 
-def model_images(prior_path: str | Path, dvae_path: str | Path, *, n: int, seed: int):
+def model_images(prior_path: str | Path, dvae_path: str | Path, *, n: int, seed: int, progress: bool = False):
     """The first n validation pairs' images and one sample for each caption: (real, fake, captions, models)."""
     prior, tok, cfg = load_prior(prior_path)
     dvae, _ = load_dvae(dvae_path, cfg)
@@ -74,7 +76,7 @@ def model_images(prior_path: str | Path, dvae_path: str | Path, *, n: int, seed:
     real = np.stack([_hwc(it["image"]) for it in items])
     cfg.sample.num_per_caption = 1
     torch.manual_seed(seed)
-    fake = generate(prior, tok, dvae, captions, cfg.sample)
+    fake = generate(prior, tok, dvae, captions, cfg.sample, progress="sampling" if progress else None)
     return real, fake, captions, (prior, tok, dvae, cfg)
 
 
@@ -92,9 +94,11 @@ def evaluate(
     radii=BLUR_RADII,
     size: int = 256,
     seed: int = 0,
+    progress: bool = False,
 ) -> dict:
     """FID (and, for a model, contrastive score and shapes composition) -> out/eval.json, out/fid_blur.png.
-    Either `prior` and `dvae` (a trained model), or `real_dir` and `fake_dir` (two folders of images)."""
+    Either `prior` and `dvae` (a trained model), or `real_dir` and `fake_dir` (two folders of images).
+    `progress` shows bars (stderr) for the sampling and the Inception features, the slow parts."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict = {"radii": list(radii)}
@@ -105,7 +109,7 @@ def evaluate(
             raise ValueError("give both --real-dir and --fake-dir")
         real, fake = load_folder(real_dir, size), load_folder(fake_dir, size)
     else:
-        real, fake, captions, (prior_m, tok, dvae_m, cfg) = model_images(prior, dvae, n=n, seed=seed)
+        real, fake, captions, (prior_m, tok, dvae_m, cfg) = model_images(prior, dvae, n=n, seed=seed, progress=progress)
         reranker = None
         if clip:
             reranker = load_reranker(clip=clip)
@@ -120,9 +124,10 @@ def evaluate(
                 cfg,
                 captions=heldout_captions(heldout, seed=cfg.data.seed),
                 candidates=candidates,
+                progress=progress,
             )
     result.update(n_real=len(real), n_fake=len(fake))
-    scores = fid(real, fake, radii=radii, features=feats)
+    scores = fid(real, fake, radii=radii, features=feats, progress=progress)
     result["fid"] = {str(r): v for r, v in scores.items()}
     result["seconds"] = round(time.perf_counter() - t0, 1)
     plot_fid(

@@ -11,8 +11,10 @@ import torch
 
 from dalle_ds.config import ExperimentConfig, PriorTrainConfig
 from dalle_ds.data.encode_grids import load_encoded
+from dalle_ds.dvae.io import load_dvae
 from dalle_ds.prior.io import save_prior
 from dalle_ds.prior.model import Prior
+from dalle_ds.prior.samples import SampleGrid, fixed_captions
 from dalle_ds.tokenizer import CaptionTokenizer
 from dalle_ds.training import activation_checkpointing
 from dalle_ds.training import checkpoint as ckpt
@@ -20,10 +22,12 @@ from dalle_ds.training.compression import make_compressor
 from dalle_ds.training.distributed import barrier, device, init_distributed, is_main, world_size
 from dalle_ds.training.ema import EMA
 from dalle_ds.training.engine import build_engine, load_ds_config
+from dalle_ds.training.eval_guard import finite_eval
 from dalle_ds.training.grad_scaling import ScalingPolicy, scaler_for
 from dalle_ds.training.loop import LoopConfig, fit
 from dalle_ds.training.node_exchange import NodeExchange
 from dalle_ds.training.node_groups import NodeMPU, node_groups, resolve_ranks_per_node
+from dalle_ds.training.precision import configure_matmul
 
 
 def lr_factor(step: int, t: PriorTrainConfig) -> float:
@@ -92,13 +96,19 @@ def train_prior(
     resume: bool = True,
     progress: bool = True,
     stop_at: int | None = None,
+    dvae_path: str | Path | None = None,
 ) -> dict:
-    """Train, then export `out_dir/prior.pt` (config + weights + tokenizer). Returns a summary."""
+    """Train, then export `out_dir/prior.pt` (config + weights + tokenizer). Returns a summary.
+
+    With `dvae_path` (the dVAE the tokens were encoded with) every prior_train.eval_every steps and at the end
+    also writes OUT/samples_stepN.png: one sample for each of the first SAMPLE_CAPTIONS distinct val captions."""
     init_distributed()
     out_dir = Path(out_dir)
     tcfg = cfg.prior_train
     torch.manual_seed(tcfg.seed)
     ds_cfg = load_ds_config(ds_config)
+    if configure_matmul(ds_cfg, tcfg.allow_tf32) == "high" and is_main():
+        print("fp32 on an sm80+ GPU: matmuls in TF32 (prior_train.allow_tf32=false for IEEE fp32)")
     captions, tokens = load_encoded(data_dir, "train")
     val_captions, val_tokens = load_encoded(data_dir, "val")
     if tokens.shape[1] != cfg.prior.image_len or int(tokens.max()) >= cfg.prior.image_vocab_size:
@@ -159,8 +169,25 @@ def train_prior(
         loss, stats = eng(text, image)
         return loss, stats, text.numel() + image.numel()
 
+    samples = None
+    if dvae_path is not None:  # loaded on every rank: a wrong file fails them all, before any collective
+        samples = SampleGrid(cfg, tok, load_dvae(dvae_path, cfg)[0], fixed_captions(val_captions))
+    elif is_main():
+        print(
+            "train-prior: no --dvae given, so no sample grids while training (give the dVAE the tokens were "
+            "encoded with to get OUT/samples_stepN.png every prior_train.eval_every steps)",
+            flush=True,
+        )
+
     def eval_fn(module):
-        return validation_loss(module, tok, val_captions, val_tokens)
+        out = validation_loss(module, tok, val_captions, val_tokens)
+        if samples is not None:
+            grid = samples(module)
+            if grid is not None:  # rank 0; the logger writes it to OUT/samples_stepN.png and TensorBoard
+                out["samples"] = grid
+        return out
+
+    eval_fn = finite_eval(eval_fn, lambda: engine.global_steps, "prior")  # a NaN validation loss stops the run
 
     loop = LoopConfig(
         steps=tcfg.steps,
@@ -171,6 +198,7 @@ def train_prior(
         desc="prior",
         progress=progress,
         stop_at=stop_at,
+        keep_last=cfg.checkpoint.keep_last,
     )
     result = fit(
         engine,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from dalle_ds.config import SampleConfig
 from dalle_ds.sampling.decode import sample_image_tokens
@@ -11,15 +12,24 @@ from dalle_ds.sampling.decode import sample_image_tokens
 
 @torch.no_grad()
 def generate(
-    prior, tok, dvae, captions: list[str], scfg: SampleConfig, prime: torch.Tensor | None = None
+    prior,
+    tok,
+    dvae,
+    captions: list[str],
+    scfg: SampleConfig,
+    prime: torch.Tensor | None = None,
+    *,
+    progress: str | None = None,
 ) -> np.ndarray:
     """uint8 (len(captions) * num_per_caption, H, W, 3); each caption's samples are adjacent.
 
     prime: optional (m,) image tokens (raster order) every sample starts from (image-to-image).
+    progress: a label to show a progress bar (stderr) counting images, e.g. "sampling"; None = no bar.
     """
     gen = torch.Generator().manual_seed(scfg.seed)
     wanted = [c for c in captions for _ in range(scfg.num_per_caption)]
     out = []
+    bar = tqdm(total=len(wanted), desc=progress, unit="img", disable=progress is None, dynamic_ncols=True)
     for s in range(0, len(wanted), scfg.batch_size):
         text = tok.encode_batch(wanted[s : s + scfg.batch_size], train=False)  # never BPE dropout here
         p = None if prime is None else prime.view(1, -1).expand(text.shape[0], -1)
@@ -29,4 +39,6 @@ def generate(
         g = prior.cfg.image_grid
         images = dvae.decode(grid.view(-1, g, g))  # (B, 3, H, W) in [0, 1]
         out.append((images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+        bar.update(len(out[-1]))
+    bar.close()
     return np.concatenate(out)
