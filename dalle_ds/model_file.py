@@ -1,5 +1,6 @@
 """Consolidated model files (dvae.pt, prior.pt, clip.pt): one dict of config, weights and plain data that
-loads without DeepSpeed and without the training code."""
+loads without DeepSpeed and without the training code, and without running code from the file: it is read
+by torch's allowlisting unpickler (dalle_ds/safe_load.py), and its `kind` says which of the three it is."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ import os
 from pathlib import Path
 
 import torch
+
+from dalle_ds.errors import ConfigError
+from dalle_ds.safe_load import load_plain
+
+KINDS = ("dvae", "prior", "clip")
 
 
 def save_model_file(path: str | Path, payload: dict) -> None:
@@ -18,8 +24,14 @@ def save_model_file(path: str | Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_model_file(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model file {path} does not exist (train first, or point to a *.pt export)")
-    return torch.load(path, map_location="cpu", weights_only=False)
+def load_model_file(path: str | Path, kind: str) -> dict:
+    """The payload of a `kind` model file; a missing, damaged, hostile or other-kind file is one ConfigError."""
+    what = f"{kind}.pt"
+    payload = load_plain(path, what=f"dalle_ds {what}")
+    found = payload.get("kind") if isinstance(payload, dict) else None
+    if found != kind:
+        other = f"a {found}.pt" if found in KINDS else "not a dalle_ds model file"
+        raise ConfigError(f"{path}: {other}, expected a {what}")
+    if not isinstance(payload.get("config"), dict) or not isinstance(payload.get("state_dict"), dict):
+        raise ConfigError(f"{path}: a {what} without its config or weights (damaged?)")
+    return payload

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from dalle_ds.attention import bench
-from dalle_ds.cli import bench as bench_cli
 from dalle_ds.attention.layout import FULL, block_layout
 from dalle_ds.attention.masks import MaskSpec
+from dalle_ds.cli import bench as bench_cli
 
 OUT = Path(__file__).resolve().parents[1] / "bench_results"
 

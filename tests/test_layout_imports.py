@@ -2,8 +2,8 @@
 
 The graph is read from the source (ast), not by importing: an edge A -> B for every `import B` or
 `from B import x` that runs when A is imported (module level, including under `if`/`try`, and class bodies;
-not inside functions, which run later, nor under `if TYPE_CHECKING`). `from pkg import name` counts as an import of `pkg.name` when that
-is a module, else of `pkg`.
+not inside functions, which run later, nor under `if TYPE_CHECKING`). `from pkg import name` counts as an
+import of `pkg.name` when that is a module, else of `pkg`.
 """
 
 import ast

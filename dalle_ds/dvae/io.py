@@ -17,7 +17,7 @@ def save_dvae(path: str | Path, state_dict: dict[str, torch.Tensor], cfg: Experi
 
 def load_dvae(path: str | Path, cfg: ExperimentConfig | None = None) -> tuple[DVAE, ExperimentConfig]:
     """Rebuild the dVAE from its exported file alone (no DeepSpeed); refuse a mismatching config."""
-    payload = load_model_file(path)
+    payload = load_model_file(path, "dvae")
     saved = from_dict(payload["config"])
     if cfg is not None:
         check_compatible(saved, cfg, "dvae")

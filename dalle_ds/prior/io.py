@@ -8,9 +8,11 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dalle_ds.config import ExperimentConfig, check_compatible, from_dict
+from dalle_ds.errors import ConfigError
 from dalle_ds.model_file import load_model_file, save_model_file
 from dalle_ds.prior.model import Prior
 from dalle_ds.tokenizer import CaptionTokenizer
@@ -57,8 +59,17 @@ def is_export(path: str | Path) -> bool:
 
 
 def read_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """An export folder's weights, config and tokenizer; a missing or damaged file is one ConfigError."""
     path = Path(path)
-    return load_file(str(path / WEIGHTS)), json.loads((path / CONFIG).read_text()), (path / TOKENIZER).read_text()
+    try:
+        state = load_file(str(path / WEIGHTS))
+        config = json.loads((path / CONFIG).read_text())
+        tokenizer = (path / TOKENIZER).read_text()
+    except (OSError, ValueError, SafetensorError) as e:  # JSON and UTF-8 errors are ValueErrors
+        raise ConfigError(f"{path}: not a complete export folder ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}/{CONFIG}: not a config mapping")
+    return state, config, tokenizer
 
 
 def load_prior(
@@ -72,7 +83,7 @@ def load_prior(
         if use_ema:
             raise ValueError(f"{path}: an export holds one set of weights; export with --ema instead")
     else:
-        payload = load_model_file(path)
+        payload = load_model_file(path, "prior")
     saved = from_dict(payload["config"])
     if cfg is not None:
         check_compatible(saved, cfg, "prior")

@@ -22,9 +22,7 @@ def save_clip(
 
 
 def load_clip(path: str | Path) -> tuple[ContrastiveModel, CaptionTokenizer, ExperimentConfig]:
-    payload = load_model_file(path)
-    if payload.get("kind") != "clip":
-        raise ValueError(f"{path}: not a clip.pt written by `dalle-ds train-clip` (kind={payload.get('kind')!r})")
+    payload = load_model_file(path, "clip")
     cfg = from_dict(payload["config"])
     tok = CaptionTokenizer.from_json(payload["tokenizer"], cfg.tokenizer)
     model = ContrastiveModel(cfg.clip, tok.vocab_size, tok.text_len)

@@ -4,38 +4,61 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
 
 from dalle_ds.config import ConfigError, from_dict
+from dalle_ds.model_file import load_model_file
 from dalle_ds.prior.io import CONFIG, TOKENIZER, write_export
+from dalle_ds.safe_load import load_plain, refusal, weights_only_loads
+from dalle_ds.training.checkpoint import ds_allowed_globals, find_resumable
+from dalle_ds.training.manifest import verify
+
+
+def _tag(ckpt_dir: Path, tag: str | None) -> str:
+    """The given tag if it verifies against its manifest, else (no tag given) the newest that does."""
+    if tag is not None:
+        why = verify(ckpt_dir, tag) if (ckpt_dir / tag).is_dir() else "no such checkpoint"
+        if why is not None:
+            raise ConfigError(f"--tag: {ckpt_dir}/{tag}: {why}")
+        return tag
+    found, skipped = find_resumable(ckpt_dir)
+    for t, why in skipped:
+        print(f"export: checkpoint {t} skipped: {why}")
+    if found is None:
+        why = "; ".join(f"{t}: {w}" for t, w in skipped) or "no checkpoints"
+        raise ConfigError(f"--run: {ckpt_dir}: no checkpoint verifies ({why}); train first")
+    return found
 
 
 def checkpoint_state_dict(ckpt_dir: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
-    """Full fp32 state dict from a DeepSpeed checkpoint folder (any ZeRO stage), on CPU, one process."""
+    """Full fp32 state dict from a verified DeepSpeed checkpoint (any ZeRO stage), on CPU, one process; every
+    file is read by the allowlisting unpickler (dalle_ds/safe_load.py)."""
     ckpt_dir = Path(ckpt_dir)
-    if tag is None:
-        latest = ckpt_dir / "latest"
-        if not latest.exists():
-            raise FileNotFoundError(f"{ckpt_dir}: no `latest` file; train first or pass --tag")
-        tag = latest.read_text().strip()
+    tag = _tag(ckpt_dir, tag)
     folder = ckpt_dir / tag
-    if any(folder.glob("*zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
+    with weights_only_loads(ds_allowed_globals()):
+        if any(folder.glob("*zero_pp_rank_*optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    else:  # ZeRO stage 0: the module is saved whole by rank 0
-        state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+            try:
+                state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+            except pickle.UnpicklingError as e:
+                raise refusal(folder, e, "DeepSpeed checkpoint written by dalle_ds") from e
+        else:  # ZeRO stage 0: the module is saved whole by rank 0
+            what = "DeepSpeed model state written by dalle_ds"
+            state = load_plain(folder / "mp_rank_00_model_states.pt", what=what)["module"]
     return {k: v.detach().float().contiguous().clone() for k, v in state.items()}
 
 
 def export_run(run: str | Path, out: str | Path, *, ema: bool = False, tag: str | None = None) -> Path:
     run = Path(run)
     if ema:
-        payload = (
-            torch.load(run / "prior.pt", map_location="cpu", weights_only=False) if (run / "prior.pt").exists() else {}
-        )
+        if not (run / "prior.pt").exists():
+            raise ConfigError(f"--ema: {run} has no prior.pt (the EMA weights are exported when training ends)")
+        payload = load_model_file(run / "prior.pt", "prior")
         if "ema_state_dict" not in payload:
             raise ConfigError(
                 f"--ema: {run}/prior.pt has no EMA weights (train with prior_train.ema_decay > 0 to the end)"

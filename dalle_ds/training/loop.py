@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,16 +13,29 @@ from pathlib import Path
 import torch
 
 from dalle_ds.data.order import DataOrder
+from dalle_ds.errors import ConfigError
 from dalle_ds.training import checkpoint as ckpt
-from dalle_ds.training.distributed import device, mean_across_ranks, rank, world_size
+from dalle_ds.training.distributed import device, is_main, mean_across_ranks, rank, world_size
 from dalle_ds.training.ema import EMA
 from dalle_ds.training.engine import global_batch, grad_accum, micro_batch
+from dalle_ds.training.launcher_watch import runner_gone_check
 from dalle_ds.training.metrics import MetricsLogger
 from dalle_ds.training.step_pipeline import StepPipeline
 
 # loss_fn(module, indices, step) -> (loss, stats, tokens): one micro-batch forward. With a streaming
 # `order` (data/stream.py) the "indices" are the items themselves.
 LossFn = Callable[[torch.nn.Module, list, int], tuple]
+# exit status of a run stopped by SIGTERM after saving: what a shell reports for a process the signal ended,
+# so a scheduler sees the job was stopped, not finished
+SIGTERM_EXIT = 128 + signal.SIGTERM
+
+
+def exit_if_interrupted(summary: dict, name: str) -> None:
+    """After a training stopped by SIGTERM (its checkpoint saved): say so on rank 0 and exit SIGTERM_EXIT."""
+    if summary.get("interrupted"):
+        if is_main():
+            print(f"{name}: SIGTERM, checkpoint saved at step {summary['step']}; rerun the same command to resume")
+        sys.exit(SIGTERM_EXIT)
 
 
 @dataclass
@@ -33,6 +48,7 @@ class LoopConfig:
     desc: str = "train"
     progress: bool = True
     stop_at: int | None = None  # end this process after that step (time-limited jobs); a rerun resumes
+    keep_last: int = 0  # checkpoint.keep_last: checkpoints kept after each save (0 = all)
 
 
 @dataclass
@@ -45,11 +61,14 @@ class LoopResult:
 
 
 class _TermFlag:
-    """SIGTERM sets a flag instead of killing the process; the loop saves and stops at the next step end."""
+    """SIGTERM sets a flag instead of killing the process; the loop saves and stops at the next step end. A
+    second SIGTERM (the deepspeed launcher forwards one) changes nothing. A rank whose deepspeed runner is gone
+    stops the same way (training/launcher_watch.py)."""
 
     def __init__(self):
         self.set = False
         self._old = None
+        self._runner_gone = runner_gone_check(os.getpid())
 
     def __enter__(self):
         try:
@@ -67,6 +86,9 @@ class _TermFlag:
 
     def any_rank(self) -> bool:
         """True on every rank if any rank got SIGTERM (all ranks must save the same step)."""
+        if not self.set and self._runner_gone is not None and self._runner_gone():
+            print(f"rank {rank()}: the deepspeed runner above this rank is gone: saving and stopping", flush=True)
+            self.set = True
         if not torch.distributed.is_initialized() or world_size() == 1:
             return self.set
 
@@ -109,11 +131,15 @@ def fit(
     order = order if order is not None else DataOrder(num_items, loop.seed)
     gb, micro, accum, world, r = global_batch(ds_cfg), micro_batch(ds_cfg), grad_accum(ds_cfg), world_size(), rank()
 
+    if loop.keep_last < 0:
+        raise ConfigError(f"checkpoint.keep_last: must be >= 0 (0 keeps every checkpoint), got {loop.keep_last}")
     start = 0
     if resume:
         state = ckpt.load_checkpoint(engine, ckpt_dir)
         if state is not None:
             start = int(state["step"])
+            if is_main():
+                print(f"{loop.desc}: resumed from step {start} (checkpoint {state['tag']})", flush=True)
             if state["data_position"] != start * gb:
                 raise RuntimeError(
                     f"checkpoint data position {state['data_position']} does not match step "
@@ -135,6 +161,7 @@ def fit(
         if ema is not None:  # a shard per rank under ZeRO-3
             per_rank["ema"] = ema.state_dict()
         ckpt.save_checkpoint(engine, ckpt_dir, step, client, rank_state=per_rank)
+        ckpt.prune(ckpt_dir, loop.keep_last, step)
 
     logger = MetricsLogger(out_dir, total_steps=loop.steps, start_step=start, desc=loop.desc, progress=loop.progress)
     result = LoopResult(step=start)

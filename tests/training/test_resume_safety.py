@@ -92,7 +92,8 @@ def test_sigkill_then_restart_gives_the_uninterrupted_curve(tmp_path, tiny_cfg):
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, tiny_cfg):
-    """SIGTERM mid-run: exit status 0, a checkpoint at the step it stopped, no export; rerunning finishes."""
+    """SIGTERM mid-run: exit status 143 (stopped, not finished), a verified checkpoint at the step it stopped, no
+    export."""
     data = make_encoded_dataset(tmp_path / "data", tiny_cfg)
     ds = write_ds_config(tmp_path / "ds.json", micro=4, stage=0)
     out = tmp_path / "run"
@@ -107,9 +108,10 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, tiny_cfg):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-3000:]
+    assert proc.returncode == 143, stderr[-3000:]
     assert "SIGTERM" in stdout
     tag = ckpt.latest_tag(out / "checkpoints")
+    assert ckpt.find_resumable(out / "checkpoints") == (tag, [])
     last_logged = max(json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines())
     assert tag == f"step{last_logged:08d}"
     assert not (out / "prior.pt").exists()
