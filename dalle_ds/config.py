@@ -282,10 +282,9 @@ def _check_bounds(cfg: ExperimentConfig) -> None:
     _require(cfg.dvae.vocab_size >= 2, "dvae.vocab_size", f"must be >= 2, got {cfg.dvae.vocab_size}")
 
 
-def validate(cfg: ExperimentConfig) -> None:
-    """Refuse inconsistent combinations, naming the field and the fix."""
-    _check_bounds(cfg)
-    d, p, t = cfg.dvae, cfg.prior, cfg.tokenizer
+def _validate_dvae(cfg: ExperimentConfig) -> None:
+    """The dVAE's shape and its training loss schedule."""
+    d = cfg.dvae
     _require(d.n_groups >= 1, "dvae.n_groups", f"must be >= 1, got {d.n_groups}")
     _require(
         d.image_size % d.downsample == 0,
@@ -301,7 +300,11 @@ def validate(cfg: ExperimentConfig) -> None:
         "dvae_train.mse_warmup_steps",
         f"dvae_train.mse_warmup={dt.mse_warmup} needs mse_warmup_steps > 0 (the steps it fades over)",
     )
-    dc = cfg.data
+
+
+def _validate_data(cfg: ExperimentConfig) -> None:
+    """The data source, its filters, and its image size against the dVAE's."""
+    d, dc = cfg.dvae, cfg.data
     DATASETS.check(dc.dataset)
     _require(
         dc.dataset == "shapes" or bool(dc.path),
@@ -322,6 +325,11 @@ def validate(cfg: ExperimentConfig) -> None:
         "data.image_size",
         f"{cfg.data.image_size} differs from dvae.image_size {d.image_size}; set both to the same value",
     )
+
+
+def _validate_prior(cfg: ExperimentConfig) -> None:
+    """The prior's shape, and its grid, vocabularies and text length against the dVAE and tokenizer."""
+    d, p, t = cfg.dvae, cfg.prior, cfg.tokenizer
     _require(
         p.n_heads > 0 and p.d_model % p.n_heads == 0,
         "prior.n_heads",
@@ -360,8 +368,17 @@ def validate(cfg: ExperimentConfig) -> None:
         "prior.text_vocab_size",
         f"{p.text_vocab_size} differs from tokenizer.vocab_size {t.vocab_size}; make them equal",
     )
+
+
+def _validate_tokenizer(cfg: ExperimentConfig) -> None:
+    """BPE dropout and vocabulary size."""
+    t = cfg.tokenizer
     _require(0.0 <= t.bpe_dropout < 1.0, "tokenizer.bpe_dropout", f"must be in [0, 1), got {t.bpe_dropout}")
     _require(t.vocab_size >= 64, "tokenizer.vocab_size", f"must be >= 64, got {t.vocab_size}")
+
+
+def _validate_prior_train(cfg: ExperimentConfig) -> None:
+    """Per-resblock gradient scaling, checkpointing, EMA and gradient compression."""
     pt = cfg.prior_train
     SCALING_MODES.check(pt.grad_scaling)
     NONFINITE_POLICIES.check(pt.grad_scaling_policy)
@@ -390,6 +407,10 @@ def validate(cfg: ExperimentConfig) -> None:
         f"must be >= 0 (0 = from the launcher), got {pt.ranks_per_node}",
     )
     _require(pt.powersgd_rank >= 1, "prior_train.powersgd_rank", f"must be >= 1, got {pt.powersgd_rank}")
+
+
+def _validate_clip(cfg: ExperimentConfig) -> None:
+    """The reranker's width/heads and a usable contrastive batch."""
     c = cfg.clip
     _require(c.width % c.heads == 0, "clip.heads", f"{c.heads} heads do not divide clip.width {c.width}")
     _require(
@@ -397,10 +418,26 @@ def validate(cfg: ExperimentConfig) -> None:
         "clip.batch_size",
         f"need clip.steps >= 1 and clip.batch_size >= 2 (a contrastive batch), got {c.steps}, {c.batch_size}",
     )
+
+
+def _validate_sample(cfg: ExperimentConfig) -> None:
+    """Sampling temperature, top-p and top-k."""
     s = cfg.sample
     _require(s.temperature > 0, "sample.temperature", f"must be > 0, got {s.temperature}")
     _require(0.0 < s.top_p <= 1.0, "sample.top_p", f"must be in (0, 1], got {s.top_p}")
     _require(s.top_k >= 0, "sample.top_k", f"must be >= 0 (0 = off), got {s.top_k}")
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Refuse inconsistent combinations, naming the field and the fix."""
+    _check_bounds(cfg)
+    _validate_dvae(cfg)
+    _validate_data(cfg)
+    _validate_prior(cfg)
+    _validate_tokenizer(cfg)
+    _validate_prior_train(cfg)
+    _validate_clip(cfg)
+    _validate_sample(cfg)
 
 
 def check_compatible(saved: ExperimentConfig, current: ExperimentConfig, component: str) -> None:

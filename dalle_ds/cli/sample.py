@@ -46,7 +46,7 @@ def check_args(args: argparse.Namespace) -> None:
         existing_path(args.prime_image, "--prime-image")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prior", required=True, help="prior.pt exported by train_prior")
     p.add_argument("--dvae", required=True, help="dvae.pt exported by train_dvae")
@@ -83,13 +83,53 @@ def main(argv: list[str] | None = None) -> None:
         help="reranker: an open_clip CLIP model from local files, e.g. ViT-B-32:/models/clip.safetensors "
         "(ARCH may be a config JSON), or a folder with open_clip_config.json + weights",
     )
-    args = p.parse_args(argv)
-    check_args(args)
+    return p
+
+
+def read_captions(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """--caption values, then the lines of --captions-file; at least one."""
     captions = list(args.caption)
     if args.captions_file:
         captions += read_text_lines(args.captions_file, "--captions-file")
     if not captions:
         p.error("give at least one --caption or a --captions-file")
+    return captions
+
+
+def prime_from_args(args: argparse.Namespace, cfg: ExperimentConfig, dvae):
+    """The token rows of --prime-image to prime with (image-to-image), or None."""
+    if not args.prime_image:
+        return None
+    g = cfg.prior.image_grid
+    rows = args.prime_rows if args.prime_rows is not None else max(1, round(g * 15 / 32))
+    if not 0 <= rows <= g:
+        raise ConfigError(f"--prime-rows: must be in [0, {g}] for this prior's {g}x{g} token grid, got {rows}")
+    try:
+        image = load_image(args.prime_image, cfg.dvae.image_size)
+    except BadInput as e:
+        raise ConfigError(f"--prime-image: {args.prime_image} is not a usable image ({e})") from None
+    return prime_tokens(dvae, image, rows)
+
+
+def reranker_from_args(p: argparse.ArgumentParser, args: argparse.Namespace, scfg: SampleConfig):
+    """The reranker --candidates asks for (then --candidates samples are drawn per caption), or None."""
+    if args.candidates is None:
+        return None
+    if args.candidates < 1 or not 1 <= args.keep <= args.candidates:
+        p.error(f"need 1 <= --keep ({args.keep}) <= --candidates ({args.candidates})")
+    if (args.clip is None) == (args.open_clip is None):
+        p.error("--candidates needs exactly one reranker: --clip FILE or --open-clip ARCH:CHECKPOINT")
+    with argument("--clip" if args.clip is not None else "--open-clip"):
+        reranker = load_reranker(clip=args.clip, open_clip=args.open_clip)
+    scfg.num_per_caption = args.candidates
+    return reranker
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
+    args = p.parse_args(argv)
+    check_args(args)
+    captions = read_captions(p, args)
     if args.prime_rows is not None and not args.prime_image:
         p.error("--prime-rows needs --prime-image")
     with argument("--prior"):
@@ -97,26 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     with argument("--dvae"):
         dvae, _ = load_dvae(args.dvae, cfg)
     scfg = sample_config(cfg, args)
-    prime = None
-    if args.prime_image:
-        g = cfg.prior.image_grid
-        rows = args.prime_rows if args.prime_rows is not None else max(1, round(g * 15 / 32))
-        if not 0 <= rows <= g:
-            raise ConfigError(f"--prime-rows: must be in [0, {g}] for this prior's {g}x{g} token grid, got {rows}")
-        try:
-            image = load_image(args.prime_image, cfg.dvae.image_size)
-        except BadInput as e:
-            raise ConfigError(f"--prime-image: {args.prime_image} is not a usable image ({e})") from None
-        prime = prime_tokens(dvae, image, rows)
-    reranker = None
-    if args.candidates is not None:
-        if args.candidates < 1 or not 1 <= args.keep <= args.candidates:
-            p.error(f"need 1 <= --keep ({args.keep}) <= --candidates ({args.candidates})")
-        if (args.clip is None) == (args.open_clip is None):
-            p.error("--candidates needs exactly one reranker: --clip FILE or --open-clip ARCH:CHECKPOINT")
-        with argument("--clip" if args.clip is not None else "--open-clip"):
-            reranker = load_reranker(clip=args.clip, open_clip=args.open_clip)
-        scfg.num_per_caption = args.candidates
+    prime = prime_from_args(args, cfg, dvae)
+    reranker = reranker_from_args(p, args, scfg)
     images = generate(prior, tok, dvae, captions, scfg, prime=prime)
     info = {}
     if reranker is not None:

@@ -68,6 +68,60 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _load_progress(prog_path: Path, world: int) -> dict:
+    """The rank's progress file, or a fresh one; refuses a resume with another rank count."""
+    prog = (
+        json.loads(prog_path.read_text())
+        if prog_path.exists()
+        else {"position": 0, "chunks": 0, "done": False, "report": PassReport().as_dict(), "world": world}
+    )
+    if prog.get("world", world) != world:
+        raise ValueError(f"{prog_path}: started with {prog['world']} ranks, now {world}; resume with the same count")
+    return prog
+
+
+class _ChunkWriter:
+    """Buffers a rank's kept items, encodes their images `batch` at a time, and writes each chunk as one
+    parquet part (atomically), recording the position and pass counts in the progress file after it."""
+
+    def __init__(self, dvae, parts: Path, rank: int, prog: dict, prog_path: Path, report: PassReport, batch: int):
+        self.dvae, self.parts, self.rank, self.batch = dvae, parts, rank, batch
+        self.prog, self.prog_path, self.report = prog, prog_path, report
+        self.caps: list[str] = []
+        self.imgs: list[torch.Tensor] = []
+        self.grids: list[np.ndarray] = []
+        self.written_now = 0  # chunks written by this call (not by earlier runs)
+
+    def add(self, item: dict) -> None:
+        self.caps.append(item["caption"])
+        self.imgs.append(item["image"])
+        if len(self.imgs) == self.batch:
+            self._encode_batch()
+
+    def _encode_batch(self) -> None:
+        if self.imgs:
+            self.grids.append(encode_images(self.dvae, self.imgs))
+            self.imgs.clear()
+
+    def flush_chunk(self, position: int) -> None:
+        """Writes the buffered items (if any) as the next part, then the progress file at `position`."""
+        import datasets  # noqa: PLC0415
+
+        self._encode_batch()
+        if self.caps:
+            name = self.parts / f"rank{self.rank}-{self.prog['chunks']:06d}.parquet"
+            tmp = name.with_suffix(".tmp")
+            data = {"caption": list(self.caps), "tokens": np.concatenate(self.grids)}
+            datasets.Dataset.from_dict(data).to_parquet(str(tmp))
+            os.replace(tmp, name)
+            self.prog["chunks"] += 1
+            self.written_now += 1
+        self.caps.clear()
+        self.grids.clear()
+        self.prog["position"], self.prog["report"] = position, self.report.as_dict()
+        _write_json(self.prog_path, self.prog)
+
+
 @torch.no_grad()
 def encode_shard(
     dvae: torch.nn.Module,
@@ -85,47 +139,15 @@ def encode_shard(
     """Encode rank `rank`'s share of `split` into parquet chunks, resuming from its progress file.
     `progress` shows a bar (stderr) over the shard's raw records (kept or not; its length unknown when
     streaming)."""
-    import datasets  # noqa: PLC0415
-
     dvae.eval()
     parts = Path(out_dir) / "parts" / split
     parts.mkdir(parents=True, exist_ok=True)
     prog_path = parts / f"rank{rank}.json"
-    prog = (
-        json.loads(prog_path.read_text())
-        if prog_path.exists()
-        else {"position": 0, "chunks": 0, "done": False, "report": PassReport().as_dict(), "world": world}
-    )
-    if prog.get("world", world) != world:
-        raise ValueError(f"{prog_path}: started with {prog['world']} ranks, now {world}; resume with the same count")
+    prog = _load_progress(prog_path, world)
     if prog["done"]:
         return prog
     report = PassReport.from_dict(prog["report"])
-    caps: list[str] = []
-    imgs: list[torch.Tensor] = []
-    grids: list[np.ndarray] = []
-    written_now = 0
-
-    def flush_batch():
-        if imgs:
-            grids.append(encode_images(dvae, imgs))
-            imgs.clear()
-
-    def flush_chunk(position: int):
-        nonlocal written_now
-        flush_batch()
-        if caps:
-            name = parts / f"rank{rank}-{prog['chunks']:06d}.parquet"
-            tmp = name.with_suffix(".tmp")
-            datasets.Dataset.from_dict({"caption": list(caps), "tokens": np.concatenate(grids)}).to_parquet(str(tmp))
-            os.replace(tmp, name)
-            prog["chunks"] += 1
-            written_now += 1
-        caps.clear()
-        grids.clear()
-        prog["position"], prog["report"] = position, report.as_dict()
-        _write_json(prog_path, prog)
-
+    writer = _ChunkWriter(dvae, parts, rank, prog, prog_path, report, batch)
     position = prog["position"]
     bar = tqdm(
         total=_shard_size(cfg, split, rank, world) if progress else None,
@@ -137,17 +159,14 @@ def encode_shard(
     )
     for position, item in _items(cfg, split, rank, world, prog["position"], report):
         bar.update(position - bar.n)
-        caps.append(item["caption"])
-        imgs.append(item["image"])
-        if len(imgs) == batch:
-            flush_batch()
-        if len(caps) == chunk:
-            flush_chunk(position)
-            if stop_after_chunks is not None and written_now >= stop_after_chunks:
+        writer.add(item)
+        if len(writer.caps) == chunk:
+            writer.flush_chunk(position)
+            if stop_after_chunks is not None and writer.written_now >= stop_after_chunks:
                 bar.close()
                 return prog  # a deliberate interruption (tests); a rerun resumes
     prog["done"] = True
-    flush_chunk(position)
+    writer.flush_chunk(position)
     if bar.total is not None:  # records after the last kept one were read too
         bar.update(bar.total - bar.n)
     bar.close()

@@ -18,6 +18,7 @@ import json
 import math
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,125 @@ def retrieval_accuracy(model: ContrastiveModel, tok: CaptionTokenizer, ds, *, n:
     return float(np.mean([caps[int(b)] == caps[i] for i, b in enumerate(best)]))
 
 
+def _tokenizer(cfg: ExperimentConfig, train_set, state: dict | None, tokenizer_path) -> CaptionTokenizer:
+    """The checkpoint's tokenizer when resuming, else the given file, else one trained on the captions."""
+    if state is not None:
+        return CaptionTokenizer.from_json(state["tokenizer"], cfg.tokenizer)
+    if tokenizer_path is not None:
+        return CaptionTokenizer.load(tokenizer_path, cfg.tokenizer)
+    caps = [train_set[i]["caption"] for i in range(min(len(train_set), 5000))]
+    return CaptionTokenizer.train(caps, cfg.tokenizer)
+
+
+def _optimizer(model: ContrastiveModel, c) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with a 50-step linear warmup into a cosine decay over clip.steps."""
+    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / c.steps)))
+    )
+    return opt, sched
+
+
+def _hard_negative_index(train_set, hard_negatives: float) -> tuple[list[str] | None, dict | None]:
+    """(captions, one-word-neighbour index) for drawing hard negatives, or (None, None) without them."""
+    if hard_negatives <= 0:
+        return None, None
+    captions = (
+        train_set.captions()
+        if hasattr(train_set, "captions")
+        else [train_set[i]["caption"] for i in range(len(train_set))]
+    )
+    return captions, neighbour_index(captions)
+
+
+@dataclass
+class _ClipRun:
+    """The training state a checkpoint holds, and the clock of this run (seconds add to earlier runs')."""
+
+    cfg: ExperimentConfig
+    ckpt_dir: Path
+    model: ContrastiveModel
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    rng: np.random.Generator
+    tok: CaptionTokenizer
+    train_set: object
+    history: list
+    before: float
+    t0: float = field(default_factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.t0
+
+    def save(self, step: int) -> None:
+        resume_io.save(
+            self.ckpt_dir,
+            step=step,
+            cfg=self.cfg,
+            model=self.model,
+            opt=self.opt,
+            sched=self.sched,
+            rng=self.rng,
+            tok=self.tok,
+            data=self.train_set,
+            history=self.history,
+            seconds=self.seconds(),
+        )
+
+
+def _train_step(run: _ClipRun, idx: np.ndarray) -> tuple[torch.Tensor, dict]:
+    run.model.train()
+    x, caps = _batch(run.train_set, idx)
+    loss, stats = run.model(x, run.tok.encode_batch(caps, train=False))
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt.step()
+    run.sched.step()
+    return loss, stats
+
+
+def _train_steps(run: _ClipRun, start: int, end: int, bs: int, captions, index, progress: bool):
+    """Steps start..end, logging and checkpointing; (signal number or None, last step). A SIGTERM or Ctrl-C
+    saves the last finished step and stops."""
+    c = run.cfg.clip
+    bar = tqdm(total=c.steps, initial=start, desc="clip", disable=not progress, dynamic_ncols=True)
+    step = start
+    with resume_io.StopFlag() as stop:
+        for step in range(start, end):
+            idx = draw_batch(len(run.train_set), bs, run.rng, captions, index, c.hard_negatives)
+            loss, stats = _train_step(run, idx)
+            done = step + 1
+            bar.update(1)
+            if done % c.log_every == 0 or done == c.steps:
+                run.history.append({"step": done, "loss": loss.detach().item(), **stats})
+                bar.set_postfix(loss=f"{run.history[-1]['loss']:.4f}", batch_acc=f"{stats['acc']:.3f}")
+            if stop.signum is not None or done % c.save_every == 0 or done == end:
+                run.save(done)
+            if stop.signum is not None:
+                break
+        else:
+            step = end
+    bar.close()
+    return stop.signum, step
+
+
+def _finish(run: _ClipRun, out_dir: Path, val_set, end: int) -> dict:
+    """Validation retrieval accuracy, then clip.pt and clip_metrics.json; the summary."""
+    val_acc = retrieval_accuracy(run.model, run.tok, val_set)
+    save_clip(out_dir / "clip.pt", run.model.state_dict(), run.cfg, run.tok, step=end)
+    summary = {
+        "step": end,
+        "seconds": run.seconds(),
+        "val_retrieval_top1": val_acc,
+        "history": run.history,
+        "path": str(out_dir / "clip.pt"),
+    }
+    if hasattr(run.train_set, "report"):
+        summary["data_report"] = {"train": run.train_set.report.as_dict(), "val": val_set.report.as_dict()}
+    (out_dir / "clip_metrics.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
 def train_clip(
     cfg: ExperimentConfig,
     out_dir: str | Path,
@@ -119,86 +239,19 @@ def train_clip(
     train_set = image_dataset(cfg.data, "train", purpose="prior")
     val_set = image_dataset(cfg.data, "val", purpose="prior")
     state = resume_io.load(ckpt_dir, cfg) if resume else None
-    if state is not None:
-        tok = CaptionTokenizer.from_json(state["tokenizer"], cfg.tokenizer)
-    elif tokenizer_path is not None:
-        tok = CaptionTokenizer.load(tokenizer_path, cfg.tokenizer)
-    else:
-        caps = [train_set[i]["caption"] for i in range(min(len(train_set), 5000))]
-        tok = CaptionTokenizer.train(caps, cfg.tokenizer)
+    tok = _tokenizer(cfg, train_set, state, tokenizer_path)
     model = ContrastiveModel(c, tok.vocab_size, tok.text_len)
-    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / c.steps)))
-    )
+    opt, sched = _optimizer(model, c)
     bs = min(c.batch_size, len(train_set))
-    captions = index = None
-    if c.hard_negatives > 0:
-        captions = (
-            train_set.captions()
-            if hasattr(train_set, "captions")
-            else [train_set[i]["caption"] for i in range(len(train_set))]
-        )
-        index = neighbour_index(captions)
+    captions, index = _hard_negative_index(train_set, c.hard_negatives)
     start, history, before = 0, [], 0.0
     if state is not None:  # last, after everything above that reads data or draws random numbers
         resume_io.restore(state, model=model, opt=opt, sched=sched, rng=rng, data=train_set)
         start, history, before = int(state["step"]), list(state["history"]), float(state["seconds"])
         print(f"clip: resuming from step {start} ({ckpt_dir})", flush=True)
     end = c.steps if stop_at is None else min(c.steps, stop_at)
-    t0 = time.perf_counter()
-
-    def save(step: int) -> None:
-        resume_io.save(
-            ckpt_dir,
-            step=step,
-            cfg=cfg,
-            model=model,
-            opt=opt,
-            sched=sched,
-            rng=rng,
-            tok=tok,
-            data=train_set,
-            history=history,
-            seconds=before + time.perf_counter() - t0,
-        )
-
-    bar = tqdm(total=c.steps, initial=start, desc="clip", disable=not progress, dynamic_ncols=True)
-    step = start
-    with resume_io.StopFlag() as stop:
-        for step in range(start, end):
-            model.train()
-            idx = draw_batch(len(train_set), bs, rng, captions, index, c.hard_negatives)
-            x, caps = _batch(train_set, idx)
-            loss, stats = model(x, tok.encode_batch(caps, train=False))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            done = step + 1
-            bar.update(1)
-            if done % c.log_every == 0 or done == c.steps:
-                history.append({"step": done, "loss": loss.detach().item(), **stats})
-                bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", batch_acc=f"{stats['acc']:.3f}")
-            if stop.signum is not None or done % c.save_every == 0 or done == end:
-                save(done)
-            if stop.signum is not None:
-                break
-        else:
-            step = end
-    bar.close()
-    if stop.signum is not None:  # the checkpoint of the last finished step is saved; no clip.pt
-        return {"interrupted": stop.signum, "step": step + 1, "path": None, "checkpoint": str(ckpt_dir)}
-    val_acc = retrieval_accuracy(model, tok, val_set)
-    save_clip(out_dir / "clip.pt", model.state_dict(), cfg, tok, step=end)
-    summary = {
-        "step": end,
-        "seconds": before + time.perf_counter() - t0,
-        "val_retrieval_top1": val_acc,
-        "history": history,
-        "path": str(out_dir / "clip.pt"),
-    }
-    if hasattr(train_set, "report"):
-        summary["data_report"] = {"train": train_set.report.as_dict(), "val": val_set.report.as_dict()}
-    (out_dir / "clip_metrics.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    run = _ClipRun(cfg, ckpt_dir, model, opt, sched, rng, tok, train_set, history, before)
+    signum, step = _train_steps(run, start, end, bs, captions, index, progress)
+    if signum is not None:  # the checkpoint of the last finished step is saved; no clip.pt
+        return {"interrupted": signum, "step": step + 1, "path": None, "checkpoint": str(ckpt_dir)}
+    return _finish(run, out_dir, val_set, end)

@@ -36,6 +36,7 @@ Accounting (bytes per parameter; N = all GPUs, n = GPUs per node, b = micro-batc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -147,6 +148,233 @@ def _model_states(total, p16, largest_tensor, S, zero, compressor, named, powers
     return gpu, off, parts, opt_off, par_off
 
 
+@dataclass
+class _Counts:
+    """Exact parameter counts of the meta-device prior, split the way the accounting needs them."""
+
+    named: list
+    total: int
+    p16: int  # resblock weight matrices (16 bit in the paper)
+    p32: int  # gains, biases, embeddings, head (fp32 in the paper)
+    resblock: int
+    largest_layer: int  # one module's own parameters, the unit ZeRO-3 gathers
+    largest_tensor: int
+
+
+def _count_params(model: torch.nn.Module) -> _Counts:
+    named = list(model.named_parameters())
+    total = sum(t.numel() for _, t in named)
+    p16 = sum(t.numel() for n, t in named if _is_16bit(n, t))
+    return _Counts(
+        named=named,
+        total=total,
+        p16=p16,
+        p32=total - p16,
+        resblock=sum(t.numel() for n, t in named if n.startswith("blocks.")),
+        largest_layer=max(sum(t.numel() for t in m.parameters(recurse=False)) for m in model.modules()),
+        largest_tensor=max(t.numel() for _, t in named),
+    )
+
+
+def _activation_bytes(s: int, b: int, d: int, L: int, H: int, V: int) -> dict:
+    """Activation bytes per GPU without checkpointing (with and without dense scores) and with every layer
+    checkpointed; see the module docstring for the terms."""
+    per_layer_full = 34 * s * b * d
+    dense_scores = 5 * H * s * s * b
+    logits = 3 * s * b * V * 4
+    return {
+        "no_checkpointing": L * per_layer_full + logits,
+        "no_checkpointing_dense_scores": L * (per_layer_full + dense_scores) + logits,
+        "checkpoint_every_layer": L * 4 * s * b * d + per_layer_full + logits,
+    }
+
+
+@dataclass
+class _Scope:
+    """What every sharding layout shares: the counts, the compressor's geometry and the memory it must fit."""
+
+    counts: _Counts
+    powersgd_rank: int
+    n_local: int  # GPUs per node as training shards within it
+    per_node: int  # GPUs per node in the hostfile
+    working: float  # gathered layer + prefetch buckets
+    act: dict
+    budget: int
+
+
+def _deepspeed_estimate(c: _Counts, ds_gpn: int, ds_nodes: int, opt_off, par_off) -> dict:
+    """DeepSpeed's own ZeRO-3 estimator for the same layout, with and without its 1.5x host allowance."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs  # noqa: PLC0415
+
+    kwargs = dict(
+        num_gpus_per_node=ds_gpn,
+        num_nodes=ds_nodes,
+        cpu_offload=bool(opt_off),
+        cpu_offload_params=bool(opt_off and par_off),
+        zero_init=True,
+    )
+    ds_cpu, ds_gpu, ds_largest = estimate_zero3_model_states_mem_needs(c.total, c.largest_layer, **kwargs)
+    # without its 1.5x allowance, to compare
+    ds_cpu_raw, _, _ = estimate_zero3_model_states_mem_needs(
+        c.total, c.largest_layer, **kwargs, additional_buffer_factor=1.0
+    )
+    return {"gpu_model_states": ds_gpu, "largest_layer_memory": ds_largest, "cpu": ds_cpu, "cpu_raw": ds_cpu_raw}
+
+
+def _layout(sc: _Scope, S: int, compressor: str, ds_gpn: int, ds_nodes: int, zero: dict) -> dict:
+    """One sharding scope: ZeRO-3 over S GPUs (S = N: all GPUs, one shard set; S = n: every node holds a
+    replica). DeepSpeed's estimator sees it as ds_nodes nodes of ds_gpn GPUs."""
+    c = sc.counts
+    gpu, off, parts, opt_off, par_off = _model_states(
+        c.total, c.p16, c.largest_tensor, S, zero, compressor, c.named, sc.powersgd_rank, sc.n_local
+    )
+    states = gpu["params"] + gpu["grads"] + gpu["optimizer"] + gpu["compressor_state"]
+    ds = _deepspeed_estimate(c, ds_gpn, ds_nodes, opt_off, par_off)
+    ours = gpu["params"] + gpu["grads"] + gpu["optimizer"] + 4 * c.largest_layer  # DeepSpeed's terms only
+    host = off["cpu"] * sc.per_node  # the node's GPUs' offloads
+    host_ds_terms = host - (sc.per_node * parts["compressor_state"] if opt_off == "cpu" else 0)  # ours, not DS's
+    t_no, t_ck = (states + sc.working + sc.act[k] for k in ("no_checkpointing", "checkpoint_every_layer"))
+    return {
+        "shard_gpus": S,
+        "compressor": compressor,
+        "offload_optimizer": opt_off,
+        "offload_param": par_off,
+        "per_gpu_bytes": {
+            **gpu,
+            "gathered_layer_and_buckets": sc.working,
+            "model_states": states,
+            "total_no_checkpointing": t_no,
+            "total_checkpointing": t_ck,
+        },
+        "offloaded_bytes_per_gpu": off,
+        "host_bytes_per_node": host,
+        "deepspeed_estimator": {
+            "gpu_model_states": ds["gpu_model_states"],
+            "largest_layer_memory": ds["largest_layer_memory"],
+            "ours_same_terms": ours,
+            "ratio": ours / ds["gpu_model_states"],
+            "cpu_per_node": ds["cpu"],
+            "cpu_per_node_no_allowance": ds["cpu_raw"],
+            "host_same_terms": host_ds_terms,
+            "host_ratio": host_ds_terms / ds["cpu_raw"] if ds["cpu_raw"] and host else None,
+        },
+        "fits_without_checkpointing": t_no <= sc.budget,
+        "fits_with_checkpointing": t_ck <= sc.budget,
+    }
+
+
+def _layouts(sc: _Scope, zero: dict, N: int, nodes: int, compression: str) -> dict:
+    """All GPUs, node-local with the configured compressor (the paper's PowerSGD when none is configured),
+    and, unless the ds_config offloads already, what offloading the optimizer would do to the node-local one."""
+    node_local = compression != "none"
+    layouts = {
+        "all_gpus": _layout(sc, N, "none", sc.per_node, nodes, zero),
+        "node_local": _layout(sc, sc.n_local, compression if node_local else "powersgd", sc.n_local, 1, zero),
+    }
+    if not _offload(zero, "offload_optimizer"):
+        offload = {**zero, "offload_optimizer": {"device": "cpu"}}
+        layouts["node_local_offload"] = _layout(
+            sc, sc.n_local, layouts["node_local"]["compressor"], sc.n_local, 1, offload
+        )
+    return layouts
+
+
+def _apply_zero_stage(sel: dict, sc: _Scope, stage: int, hpz: int, N: int) -> None:
+    """Adjusts the selected layout in place for ZeRO stages below 3 and for ZeRO++ hpZ, and re-judges its fit."""
+    total = sc.counts.total
+    mem = sel["per_gpu_bytes"]
+    if stage != 3:  # ZeRO-0/1/2: parameters replicated, gradients (stage 2) and optimizer state sharded over N
+        gshard, oshard = (N if stage >= 2 else 1), (N if stage >= 1 else 1)
+        mem.update(grads=2 * total / gshard, optimizer=16 * total / oshard, params=2 * total)
+    if hpz > 1:  # ZeRO++ hpZ: a secondary 16-bit parameter shard within groups of hpz GPUs
+        mem["params"] += 2 * total / hpz
+    model_states = mem["params"] + mem["grads"] + mem["optimizer"] + mem["compressor_state"]
+    mem.update(
+        model_states=model_states,
+        total_no_checkpointing=model_states + sc.working + sc.act["no_checkpointing"],
+        total_checkpointing=model_states + sc.working + sc.act["checkpoint_every_layer"],
+    )
+    sel.update(
+        fits_without_checkpointing=mem["total_no_checkpointing"] <= sc.budget,
+        fits_with_checkpointing=mem["total_checkpointing"] <= sc.budget,
+    )
+
+
+def _paper_storage(sc: _Scope) -> dict:
+    """PAPER §4.1, §4.3, §5.1: 16-bit parameters, gradients (the PowerSGD error buffer, §5.4) and Adam m, v
+    for resblock matrices, fp32 for gains, biases, embeddings; no fp32 master copy; sharded over a node."""
+    p16, p32, n_local = sc.counts.p16, sc.counts.p32, sc.n_local
+    paper = {
+        "params": (2 * p16 + 4 * p32) / n_local,
+        "grads": (2 * p16 + 4 * p32) / n_local,
+        "adam_moments": (4 * p16 + 8 * p32) / n_local,
+    }
+    paper["model_states"] = sum(paper.values())
+    paper["total_no_checkpointing"] = paper["model_states"] + sc.working + sc.act["no_checkpointing"]
+    paper["total_checkpointing"] = paper["model_states"] + sc.working + sc.act["checkpoint_every_layer"]
+    return {
+        "per_gpu_bytes": paper,
+        "shard_gpus": n_local,
+        "fits_without_checkpointing": paper["total_no_checkpointing"] <= sc.budget,
+        "fits_with_checkpointing": paper["total_checkpointing"] <= sc.budget,
+    }
+
+
+def _internode_traffic(c: _Counts, nodes: int, per_node: int) -> dict:
+    """Inter-node bytes per node per step: uncompressed, PowerSGD at the paper's rank, 1-bit."""
+    M = nodes
+    ring = 2 * (M - 1) / M if M > 1 else 0.0
+    r = POWERSGD_RANK_PER_NODE // per_node
+    unc16 = c.p16 * 2
+    unc32 = c.p32 * 4
+    psgd = 0
+    onebit = 0
+    for n, t in c.named:
+        if not _is_16bit(n, t):
+            continue
+        a, cols = _shard_shape(n, tuple(t.shape), per_node)
+        rr = min(r, a, cols)
+        psgd += per_node * (a + cols) * rr * 2
+        onebit += t.numel() / 8 + per_node * 4
+    return {
+        "uncompressed": ring * (unc16 + unc32),
+        "powersgd": ring * (psgd + unc32),
+        "one_bit": ring * (onebit + unc32),
+        "powersgd_rank_per_gpu": r,
+        "powersgd_ratio": (psgd + unc32) / (unc16 + unc32),
+        "one_bit_ratio": (onebit + unc32) / (unc16 + unc32),
+    }
+
+
+def _working_set(zero: dict, stage: int, largest_layer: int) -> float:
+    """ZeRO-3's transient GPU memory: the largest layer gathered in fp16 (and its gradient) plus prefetch buckets."""
+    return (2 * largest_layer * 2 + 2 * int(zero.get("stage3_prefetch_bucket_size", 5e7))) if stage == 3 else 0
+
+
+def _fit_verdict(gpu_label: str, gpu_gb: float, budget: int, sel: dict) -> dict:
+    """Whether the configured layout fits one GPU, without and with activation checkpointing."""
+    return {
+        "label": gpu_label,
+        "bytes": int(gpu_gb * 1000**3),
+        "budget_bytes": budget,
+        "fits_without_checkpointing": sel["fits_without_checkpointing"],
+        "fits_with_checkpointing": sel["fits_with_checkpointing"],
+    }
+
+
+def _params_summary(c: _Counts) -> dict:
+    return {
+        "total": c.total,
+        "resblocks": c.resblock,
+        "sixteen_bit": c.p16,
+        "fp32": c.p32,
+        "largest_layer": c.largest_layer,
+        "largest_tensor": c.largest_tensor,
+        "vs_12B_total": c.total / 12e9 - 1,
+        "vs_12B_resblocks": c.resblock / 12e9 - 1,
+    }
+
+
 def plan(
     preset: str = "12b",
     hostfile: str | Path = "hostfiles/v100",
@@ -158,158 +386,29 @@ def plan(
     model, cfg = meta_prior(preset, overrides)
     slots = read_hostfile(hostfile)
     gpu_gb, gpu_label = gpu_memory(hostfile, gpu_memory_gb)
-    nodes, per_node = len(slots), max(slots)
-    N = sum(slots)
+    nodes, per_node, N = len(slots), max(slots), sum(slots)
     ds = ds_config or {}
     zero = ds.get("zero_optimization", {})
     stage = int(zero.get("stage", 3))
     hpz = int(zero.get("zero_hpz_partition_size", 1))
     b = int(micro_batch or ds.get("train_micro_batch_size_per_gpu", 1))
-    p = cfg.prior
-    s, d, L, H = p.seq_len, p.d_model, p.n_layers, p.n_heads
-    V = model.text_vocab + model.image_vocab
-    pt = cfg.prior_train
+    p, pt = cfg.prior, cfg.prior_train
     # prior_train.compression other than none makes ZeRO-3's data-parallel group the node (NodeMPU)
-    compression = pt.compression
-    node_local = compression != "none"
-    n_local = pt.ranks_per_node or per_node
-
-    named = list(model.named_parameters())
-    total = sum(t.numel() for _, t in named)
-    p16 = sum(t.numel() for n, t in named if _is_16bit(n, t))
-    p32 = total - p16
-    resblock = sum(t.numel() for n, t in named if n.startswith("blocks."))
-    largest_layer = max(sum(t.numel() for t in m.parameters(recurse=False)) for m in model.modules())
-    largest_tensor = max(t.numel() for _, t in named)
-
-    per_layer_full = 34 * s * b * d
-    dense_scores = 5 * H * s * s * b
-    logits = 3 * s * b * V * 4
-    act = {
-        "no_checkpointing": L * per_layer_full + logits,
-        "no_checkpointing_dense_scores": L * (per_layer_full + dense_scores) + logits,
-        "checkpoint_every_layer": L * 4 * s * b * d + per_layer_full + logits,
-    }
-    working = (2 * largest_layer * 2 + 2 * int(zero.get("stage3_prefetch_bucket_size", 5e7))) if stage == 3 else 0
-    budget = int(gpu_gb * 1000**3) - CUDA_RESERVED
-
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs  # noqa: PLC0415
-
-    def layout(S: int, compressor: str, ds_gpn: int, ds_nodes: int, zero: dict = zero) -> dict:
-        """One sharding scope: ZeRO-3 over S GPUs (S = N: all GPUs, one shard set; S = n: every node holds a
-        replica). DeepSpeed's estimator sees it as ds_nodes nodes of ds_gpn GPUs."""
-        gpu, off, parts, opt_off, par_off = _model_states(
-            total, p16, largest_tensor, S, zero, compressor, named, pt.powersgd_rank, n_local
-        )
-        states = gpu["params"] + gpu["grads"] + gpu["optimizer"] + gpu["compressor_state"]
-        ds_cpu, ds_gpu, ds_largest = estimate_zero3_model_states_mem_needs(
-            total,
-            largest_layer,
-            num_gpus_per_node=ds_gpn,
-            num_nodes=ds_nodes,
-            cpu_offload=bool(opt_off),
-            cpu_offload_params=bool(opt_off and par_off),
-            zero_init=True,
-        )
-        ds_cpu_raw, _, _ = estimate_zero3_model_states_mem_needs(  # without its 1.5x allowance, to compare
-            total,
-            largest_layer,
-            num_gpus_per_node=ds_gpn,
-            num_nodes=ds_nodes,
-            cpu_offload=bool(opt_off),
-            cpu_offload_params=bool(opt_off and par_off),
-            zero_init=True,
-            additional_buffer_factor=1.0,
-        )
-        ours = gpu["params"] + gpu["grads"] + gpu["optimizer"] + 4 * largest_layer  # DeepSpeed's terms only
-        host = off["cpu"] * per_node  # the node's GPUs' offloads
-        host_ds_terms = host - (per_node * parts["compressor_state"] if opt_off == "cpu" else 0)  # ours, not DS's
-        t_no, t_ck = (states + working + act[k] for k in ("no_checkpointing", "checkpoint_every_layer"))
-        return {
-            "shard_gpus": S,
-            "compressor": compressor,
-            "offload_optimizer": opt_off,
-            "offload_param": par_off,
-            "per_gpu_bytes": {
-                **gpu,
-                "gathered_layer_and_buckets": working,
-                "model_states": states,
-                "total_no_checkpointing": t_no,
-                "total_checkpointing": t_ck,
-            },
-            "offloaded_bytes_per_gpu": off,
-            "host_bytes_per_node": host,
-            "deepspeed_estimator": {
-                "gpu_model_states": ds_gpu,
-                "largest_layer_memory": ds_largest,
-                "ours_same_terms": ours,
-                "ratio": ours / ds_gpu,
-                "cpu_per_node": ds_cpu,
-                "cpu_per_node_no_allowance": ds_cpu_raw,
-                "host_same_terms": host_ds_terms,
-                "host_ratio": host_ds_terms / ds_cpu_raw if ds_cpu_raw and host else None,
-            },
-            "fits_without_checkpointing": t_no <= budget,
-            "fits_with_checkpointing": t_ck <= budget,
-        }
-
-    # the node-local layout with the configured compressor, or the paper's PowerSGD when none is configured
-    layouts = {
-        "all_gpus": layout(N, "none", per_node, nodes),
-        "node_local": layout(n_local, compression if node_local else "powersgd", n_local, 1),
-    }
-    if not _offload(zero, "offload_optimizer"):  # what offloading the optimizer would do to the node-local layout
-        layouts["node_local_offload"] = layout(
-            n_local, layouts["node_local"]["compressor"], n_local, 1, {**zero, "offload_optimizer": {"device": "cpu"}}
-        )
-    sel = layouts["node_local" if node_local else "all_gpus"]
-    mem = sel["per_gpu_bytes"]
-    if stage != 3:  # ZeRO-0/1/2: parameters replicated, gradients (stage 2) and optimizer state sharded over N
-        gshard, oshard = (N if stage >= 2 else 1), (N if stage >= 1 else 1)
-        mem.update(grads=2 * total / gshard, optimizer=16 * total / oshard, params=2 * total)
-    if hpz > 1:  # ZeRO++ hpZ: a secondary 16-bit parameter shard within groups of hpz GPUs
-        mem["params"] += 2 * total / hpz
-    model_states = mem["params"] + mem["grads"] + mem["optimizer"] + mem["compressor_state"]
-    mem.update(
-        model_states=model_states,
-        total_no_checkpointing=model_states + working + act["no_checkpointing"],
-        total_checkpointing=model_states + working + act["checkpoint_every_layer"],
+    node_local = pt.compression != "none"
+    counts = _count_params(model)
+    sc = _Scope(
+        counts=counts,
+        powersgd_rank=pt.powersgd_rank,
+        n_local=pt.ranks_per_node or per_node,
+        per_node=per_node,
+        working=_working_set(zero, stage, counts.largest_layer),
+        act=_activation_bytes(p.seq_len, b, p.d_model, p.n_layers, p.n_heads, model.text_vocab + model.image_vocab),
+        budget=int(gpu_gb * 1000**3) - CUDA_RESERVED,
     )
-    total_no_ckpt, total_ckpt = mem["total_no_checkpointing"], mem["total_checkpointing"]
-    sel.update(fits_without_checkpointing=total_no_ckpt <= budget, fits_with_checkpointing=total_ckpt <= budget)
-
-    # PAPER §4.1, §4.3, §5.1: 16-bit parameters, gradients (the PowerSGD error buffer, §5.4) and Adam m, v
-    # for resblock matrices, fp32 for gains, biases, embeddings; no fp32 master copy; sharded over a node
-    paper = {
-        "params": (2 * p16 + 4 * p32) / n_local,
-        "grads": (2 * p16 + 4 * p32) / n_local,
-        "adam_moments": (4 * p16 + 8 * p32) / n_local,
-    }
-    paper["model_states"] = sum(paper.values())
-    paper["total_no_checkpointing"] = paper["model_states"] + working + act["no_checkpointing"]
-    paper["total_checkpointing"] = paper["model_states"] + working + act["checkpoint_every_layer"]
-
-    # inter-node bytes per node per step
-    M = nodes
-    ring = 2 * (M - 1) / M if M > 1 else 0.0
-    r = POWERSGD_RANK_PER_NODE // per_node
-    unc16 = p16 * 2
-    unc32 = p32 * 4
-    psgd = 0
-    onebit = 0
-    for n, t in named:
-        if not _is_16bit(n, t):
-            continue
-        a, c = _shard_shape(n, tuple(t.shape), per_node)
-        rr = min(r, a, c)
-        psgd += per_node * (a + c) * rr * 2
-        onebit += t.numel() / 8 + per_node * 4
-    net = {
-        "uncompressed": ring * (unc16 + unc32),
-        "powersgd": ring * (psgd + unc32),
-        "one_bit": ring * (onebit + unc32),
-    }
-
+    layouts = _layouts(sc, zero, N, nodes, pt.compression)
+    sel = layouts["node_local" if node_local else "all_gpus"]
+    _apply_zero_stage(sel, sc, stage, hpz, N)
+    mem = sel["per_gpu_bytes"]
     return {
         "preset": preset,
         "hostfile": str(hostfile),
@@ -319,45 +418,20 @@ def plan(
         "zero_stage": stage,
         "hpz_partition": hpz,
         "micro_batch": b,
-        "seq_len": s,
+        "seq_len": p.seq_len,
         "layout": "node_local" if node_local else "all_gpus",
-        "compression": compression,
+        "compression": pt.compression,
         "shard_gpus": sel["shard_gpus"],
         "offload": {"optimizer": sel["offload_optimizer"], "params": sel["offload_param"]},
-        "params": {
-            "total": total,
-            "resblocks": resblock,
-            "sixteen_bit": p16,
-            "fp32": p32,
-            "largest_layer": largest_layer,
-            "largest_tensor": largest_tensor,
-            "vs_12B_total": total / 12e9 - 1,
-            "vs_12B_resblocks": resblock / 12e9 - 1,
-        },
-        "per_gpu_bytes": {**mem, "activations": act},
+        "params": _params_summary(counts),
+        "per_gpu_bytes": {**mem, "activations": sc.act},
         "host_bytes_per_node": sel["host_bytes_per_node"],
         "offloaded_bytes_per_gpu": sel["offloaded_bytes_per_gpu"],
         "deepspeed_estimator": sel["deepspeed_estimator"],
         "layouts": layouts,
-        "paper_storage": {
-            "per_gpu_bytes": paper,
-            "shard_gpus": n_local,
-            "fits_without_checkpointing": paper["total_no_checkpointing"] <= budget,
-            "fits_with_checkpointing": paper["total_checkpointing"] <= budget,
-        },
-        "internode_bytes_per_node_per_step": {
-            **net,
-            "powersgd_rank_per_gpu": r,
-            "powersgd_ratio": (psgd + unc32) / (unc16 + unc32),
-            "one_bit_ratio": (onebit + unc32) / (unc16 + unc32),
-        },
-        "gpu_memory": {
-            "label": gpu_label,
-            "bytes": int(gpu_gb * 1000**3),
-            "budget_bytes": budget,
-            "fits_without_checkpointing": total_no_ckpt <= budget,
-            "fits_with_checkpointing": total_ckpt <= budget,
-        },
+        "paper_storage": _paper_storage(sc),
+        "internode_bytes_per_node_per_step": _internode_traffic(counts, nodes, per_node),
+        "gpu_memory": _fit_verdict(gpu_label, gpu_gb, sc.budget, sel),
     }
 
 
@@ -365,11 +439,26 @@ def _yn(ok: bool) -> str:
     return "yes" if ok else "NO"
 
 
-def format_report(report: dict) -> str:
-    g = lambda x: f"{x / GiB:8.2f} GiB"  # noqa: E731
-    pr, m, a = report["params"], report["per_gpu_bytes"], report["per_gpu_bytes"]["activations"]
-    e, net, v = report["deepspeed_estimator"], report["internode_bytes_per_node_per_step"], report["gpu_memory"]
-    off, pa = report["offload"], report["paper_storage"]
+def _gib(x: float) -> str:
+    return f"{x / GiB:8.2f} GiB"
+
+
+def _header_lines(report: dict) -> list[str]:
+    """The parameter count and the cluster."""
+    pr = report["params"]
+    return [
+        f"preset {report['preset']}: {pr['total']:,} parameters ({pr['vs_12B_total']:+.1%} vs 12.0B); "
+        f"resblocks {pr['resblocks']:,} ({pr['vs_12B_resblocks']:+.1%}); 16-bit {pr['sixteen_bit']:,}, "
+        f"fp32 {pr['fp32']:,}",
+        f"cluster {report['nodes']} nodes x {report['gpus_per_node']} GPUs = {report['gpus']}, "
+        f"ZeRO-{report['zero_stage']} (hpZ {report['hpz_partition']}), micro-batch {report['micro_batch']}, "
+        + f"sequence {report['seq_len']}",
+    ]
+
+
+def _memory_lines(report: dict) -> list[str]:
+    """Per-GPU memory of the configured layout, term by term."""
+    g, m, a, off = _gib, report["per_gpu_bytes"], report["per_gpu_bytes"]["activations"], report["offload"]
     where = lambda k: f" [offloaded to {off[k]}]" if off[k] else ""  # noqa: E731
     scope = (
         f"within each node ({report['shard_gpus']} GPUs; compression {report['compression']})"
@@ -377,12 +466,6 @@ def format_report(report: dict) -> str:
         else f"across all {report['shard_gpus']} GPUs"
     )
     lines = [
-        f"preset {report['preset']}: {pr['total']:,} parameters ({pr['vs_12B_total']:+.1%} vs 12.0B); "
-        f"resblocks {pr['resblocks']:,} ({pr['vs_12B_resblocks']:+.1%}); 16-bit {pr['sixteen_bit']:,}, "
-        f"fp32 {pr['fp32']:,}",
-        f"cluster {report['nodes']} nodes x {report['gpus_per_node']} GPUs = {report['gpus']}, "
-        f"ZeRO-{report['zero_stage']} (hpZ {report['hpz_partition']}), micro-batch {report['micro_batch']}, "
-        + f"sequence {report['seq_len']}",
         f"per GPU, ZeRO-3 sharded {scope}:",
         f"  parameters                   {g(m['params'])}{where('params')}",
         f"  gradients                    {g(m['grads'])}{where('optimizer')}",
@@ -390,20 +473,27 @@ def format_report(report: dict) -> str:
     ]
     if m["compressor_state"] or report["layout"] == "node_local":
         lines.append(f"  compressor state (fp32 error, Q) {g(m['compressor_state'])}{where('optimizer')}")
-    lines += [
+    return lines + [
         f"  gathered layer + buckets     {g(m['gathered_layer_and_buckets'])}",
         f"  activations, no checkpointing {g(a['no_checkpointing'])} "
         f"(dense scores: {g(a['no_checkpointing_dense_scores'])})",
         f"  activations, checkpointing   {g(a['checkpoint_every_layer'])}",
         f"  total without / with checkpointing {g(m['total_no_checkpointing'])} / {g(m['total_checkpointing'])}",
     ]
+
+
+def _comparison_lines(report: dict) -> list[str]:
+    """Host memory for offloads, DeepSpeed's estimator, the paper's storage and the inter-node traffic."""
+    g, e, pa = _gib, report["deepspeed_estimator"], report["paper_storage"]
+    net, off = report["internode_bytes_per_node_per_step"], report["offload"]
+    lines = []
     if off["optimizer"] or off["params"]:
         lines.append(
             f"host memory per node for offloaded states: {g(report['host_bytes_per_node'])}; DeepSpeed "
             f"estimator {g(e['cpu_per_node'])} with its 1.5x allowance, ours/its terms without it "
             f"{e['host_ratio']:.3f}"
         )
-    lines += [
+    return lines + [
         f"DeepSpeed ZeRO-3 estimator (model states): {g(e['gpu_model_states'])}; ours, same terms: "
         f"{g(e['ours_same_terms'])} (ratio {e['ratio']:.3f})",
         f"paper's storage (16-bit params, grads, Adam m+v; fp32 gains/biases/embeddings; no master copy; "
@@ -413,27 +503,38 @@ def format_report(report: dict) -> str:
         f"between nodes, per node per step: uncompressed {g(net['uncompressed'])}, PowerSGD rank "
         f"{net['powersgd_rank_per_gpu']}/GPU {g(net['powersgd'])} ({net['powersgd_ratio']:.1%}), 1-bit "
         f"{g(net['one_bit'])} ({net['one_bit_ratio']:.1%})",
-        f"fits one {v['label']} (budget {g(v['budget_bytes'])}), without / with checkpointing:",
     ]
-    for name, lay in report["layouts"].items():
-        what = (
-            f"ZeRO-3 across all {lay['shard_gpus']} GPUs (compression none)"
-            if name == "all_gpus"
-            else f"ZeRO-3 within a node, {lay['shard_gpus']} GPUs (compression {lay['compressor']})"
-        )
-        offl = " + ".join(
-            f"{k} offload to {lay['offload_' + k]}" for k in ("optimizer", "param") if lay["offload_" + k]
-        )
-        if name == "node_local_offload":
-            offl += f" (host {g(lay['host_bytes_per_node']).strip()}/node)"
-        mark = " <- this config" if name == report["layout"] else ""
-        lines.append(
-            f"  {what}{', ' + offl if offl else ''}: {_yn(lay['fits_without_checkpointing'])} / "
-            f"{_yn(lay['fits_with_checkpointing'])} ({g(lay['per_gpu_bytes']['total_checkpointing']).strip()}"
-            f" with checkpointing){mark}"
-        )
-    lines.append(
-        f"  paper's storage within a node, no offload: {_yn(pa['fits_without_checkpointing'])} / "
-        f"{_yn(pa['fits_with_checkpointing'])}"
+
+
+def _layout_fit_line(name: str, lay: dict, configured: str) -> str:
+    """One layout's verdict: fits without / with checkpointing."""
+    what = (
+        f"ZeRO-3 across all {lay['shard_gpus']} GPUs (compression none)"
+        if name == "all_gpus"
+        else f"ZeRO-3 within a node, {lay['shard_gpus']} GPUs (compression {lay['compressor']})"
     )
+    offl = " + ".join(f"{k} offload to {lay['offload_' + k]}" for k in ("optimizer", "param") if lay["offload_" + k])
+    if name == "node_local_offload":
+        offl += f" (host {_gib(lay['host_bytes_per_node']).strip()}/node)"
+    mark = " <- this config" if name == configured else ""
+    return (
+        f"  {what}{', ' + offl if offl else ''}: {_yn(lay['fits_without_checkpointing'])} / "
+        f"{_yn(lay['fits_with_checkpointing'])} ({_gib(lay['per_gpu_bytes']['total_checkpointing']).strip()}"
+        f" with checkpointing){mark}"
+    )
+
+
+def _fit_lines(report: dict) -> list[str]:
+    """Whether each layout, and the paper's storage, fits the GPU."""
+    v, pa = report["gpu_memory"], report["paper_storage"]
+    return [
+        f"fits one {v['label']} (budget {_gib(v['budget_bytes'])}), without / with checkpointing:",
+        *(_layout_fit_line(name, lay, report["layout"]) for name, lay in report["layouts"].items()),
+        f"  paper's storage within a node, no offload: {_yn(pa['fits_without_checkpointing'])} / "
+        f"{_yn(pa['fits_with_checkpointing'])}",
+    ]
+
+
+def format_report(report: dict) -> str:
+    lines = _header_lines(report) + _memory_lines(report) + _comparison_lines(report) + _fit_lines(report)
     return "\n".join(lines)

@@ -100,14 +100,9 @@ def _scale_summary(values: list[float]) -> dict:
     return {"initial": values[0], "final": values[-1], "min": min(values), "max": max(values), "changes": changes}
 
 
-def short_run(
-    spec: RunSpec, *, out_dir: str | Path, preset: str = "small", steps: int = 300, micro_batch: int = 8
-) -> dict:
-    """Train `preset`'s prior for `steps` under `spec` on this machine's device; the summary (JSON-able)."""
-    init_distributed()
-    on_gpu = torch.cuda.is_available()
-    ds_cfg = load_ds_config(run_ds_config(spec, micro_batch, on_gpu))
-    cfg = apply_overrides(
+def _run_config(spec: RunSpec, preset: str, steps: int):
+    """`preset` with the run's length, warmup and the spec's gradient-scaling settings."""
+    return apply_overrides(
         get_preset(preset),
         [
             f"prior_train.steps={steps}",
@@ -116,9 +111,12 @@ def short_run(
             f"prior_train.grad_scaling_policy={spec.policy}",
         ],
     )
+
+
+def _build_prior_engine(cfg, ds_cfg: dict):
     t = cfg.prior_train
     torch.manual_seed(t.seed)
-    engine = build_engine(
+    return build_engine(
         Prior(cfg.prior),
         ds_cfg,
         lr=t.lr,
@@ -127,19 +125,26 @@ def short_run(
         weight_decay=t.weight_decay,
         lr_lambda=lambda step: lr_factor(step, t),
     )
-    scaler = None
-    if t.grad_scaling != "off":
-        policy = ScalingPolicy(
-            mode=t.grad_scaling,
-            on_nonfinite=t.grad_scaling_policy,
-            init_log2=t.grad_scale_init_log2,
-            min_log2=t.grad_scale_min_log2,
-            max_log2=t.grad_scale_max_log2,
-            growth_interval=t.grad_scale_growth_interval,
-            world=world_size(),
-        )
-        scaler = scaler_for(engine, engine.module, policy)
-    recorder = StepRecorder(engine, scaler)
+
+
+def _block_scaler(engine, t):
+    """The per-resblock gradient scaler prior_train asks for, or None when grad_scaling is off."""
+    if t.grad_scaling == "off":
+        return None
+    policy = ScalingPolicy(
+        mode=t.grad_scaling,
+        on_nonfinite=t.grad_scaling_policy,
+        init_log2=t.grad_scale_init_log2,
+        min_log2=t.grad_scale_min_log2,
+        max_log2=t.grad_scale_max_log2,
+        growth_interval=t.grad_scale_growth_interval,
+        world=world_size(),
+    )
+    return scaler_for(engine, engine.module, policy)
+
+
+def _timed_fit(engine, cfg, ds_cfg: dict, out_dir, steps: int, scaler, recorder: StepRecorder, on_gpu: bool):
+    """Trains on the synthetic tokens; (fit's result, seconds), with the GPU's peak-memory counter reset first."""
     text, image = synthetic_tokens(cfg.prior, 512)
 
     def loss_fn(eng, idx, step):
@@ -162,41 +167,63 @@ def short_run(
         grad_scaler=scaler,
         stages=[s for s in (scaler, recorder) if s is not None],
     )
-    seconds = time.perf_counter() - t0
-    losses = [(h["step"], h["loss"]) for h in result.history]
+    return result, time.perf_counter() - t0
+
+
+def _loss_summary(history: list[dict]) -> dict:
+    losses = [(h["step"], h["loss"]) for h in history]
+    return {
+        "losses": losses,  # (step, mean loss over the logging window)
+        "loss_first": losses[0][1] if losses else None,
+        "loss_last": losses[-1][1] if losses else None,
+        "finite": all(math.isfinite(v) for _, v in losses),
+    }
+
+
+def _block_scales_summary(scaler, recorder: StepRecorder) -> dict | None:
+    """The per-resblock scales (log2) over the run; None without a block scaler."""
     blocks = recorder.block_log2
+    if not blocks:
+        return None
+    return {
+        "names": scaler.names,
+        "final": blocks[-1],
+        "min_over_run": min(min(b) for b in blocks),
+        "max_over_run": max(max(b) for b in blocks),
+        "steps_with_bad_blocks": recorder.bad_steps,
+        "backoffs": list(scaler.backoffs),
+    }
+
+
+def short_run(
+    spec: RunSpec, *, out_dir: str | Path, preset: str = "small", steps: int = 300, micro_batch: int = 8
+) -> dict:
+    """Train `preset`'s prior for `steps` under `spec` on this machine's device; the summary (JSON-able)."""
+    init_distributed()
+    on_gpu = torch.cuda.is_available()
+    ds_cfg = load_ds_config(run_ds_config(spec, micro_batch, on_gpu))
+    cfg = _run_config(spec, preset, steps)
+    engine = _build_prior_engine(cfg, ds_cfg)
+    scaler = _block_scaler(engine, cfg.prior_train)
+    recorder = StepRecorder(engine, scaler)
+    result, seconds = _timed_fit(engine, cfg, ds_cfg, out_dir, steps, scaler, recorder, on_gpu)
+    backend = cfg.prior.attention_backend
     return {
         **asdict(spec),
         "preset": preset,
         "precision": precision_of(ds_cfg),
         "zero_stage": int(ds_cfg.get("zero_optimization", {}).get("stage", 0)),
-        "attention_backend": attention.auto_backend()
-        if cfg.prior.attention_backend == "auto"
-        else cfg.prior.attention_backend,
+        "attention_backend": attention.auto_backend() if backend == "auto" else backend,
         "steps": result.step,
         "micro_batch": micro_batch,
         "seconds": seconds,
         "s_per_step": seconds / max(result.step, 1),
-        "losses": losses,  # (step, mean loss over the logging window)
-        "loss_first": losses[0][1] if losses else None,
-        "loss_last": losses[-1][1] if losses else None,
-        "finite": all(math.isfinite(v) for _, v in losses),
+        **_loss_summary(result.history),
         "loss_scale": _scale_summary(recorder.loss_scale),
         "skipped_steps": {
             "deepspeed_overflow": recorder.ds_skipped[-1] if recorder.ds_skipped else 0,
             "block_scaler": scaler.skipped if scaler is not None else 0,
         },
-        "block_scales_log2": (
-            {
-                "names": scaler.names,
-                "final": blocks[-1],
-                "min_over_run": min(min(b) for b in blocks),
-                "max_over_run": max(max(b) for b in blocks),
-                "steps_with_bad_blocks": recorder.bad_steps,
-                "backoffs": list(scaler.backoffs),
-            }
-            if blocks
-            else None
-        ),
+        "block_scales_log2": _block_scales_summary(scaler, recorder),
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
     }
