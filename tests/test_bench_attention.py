@@ -93,3 +93,27 @@ def test_flex_block_mask_has_the_layout_tiles(layout):
     ours_full = {tuple(t) for t in torch.nonzero(lay.block_kind == FULL).tolist()}
     assert full == ours_full
     assert partial | full == nonempty
+
+
+def test_rows_report_the_block_density_limit_against_sdpa_causal():
+    """Every timed row carries its speed-up over sdpa_causal (fwd, fwd+bwd), the block-density limit
+    tile_density_32(causal) / tile_density_32(layout) computed from the layouts themselves, and the fraction of
+    that limit reached; the table prints them."""
+    result = bench.bench_attention(
+        text_len=64,
+        grid=8,
+        heads=1,
+        head_dim=16,
+        warmup=0,
+        repeats=1,
+        backends=["sparse", "sdpa_causal"],
+        log=lambda _: None,
+    )
+    causal = block_layout(MaskSpec("causal", 64, 8, 11), 32).density
+    for r in result["rows"]:
+        kind, permuted = bench.LAYOUTS.get(r["layout"], ("causal", False))
+        limit = causal / block_layout(MaskSpec(kind, 64, 8, 11), 32, permuted=permuted).density
+        assert r["density_limit_vs_sdpa_causal"] == pytest.approx(limit)
+        assert r["fraction_of_limit_fwd"] == pytest.approx(r["speedup_fwd_vs_sdpa_causal"] / limit)
+        assert r["fraction_of_limit_fwd_bwd"] == pytest.approx(r["speedup_fwd_bwd_vs_sdpa_causal"] / limit)
+    assert "% lim" in bench.format_table(result)

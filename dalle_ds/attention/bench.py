@@ -14,6 +14,12 @@ Every row reports forward and forward+backward milliseconds (median of --repeats
 only the allowed (query, key) pairs of the mask ("density-scaled": 4*B*H*D*pairs for the forward,
 3.5x that for forward+backward), and the speed-up over `dense` on the same layout. sdpa_causal's
 TFLOP/s count the causal pairs (its own dense work). The max |out - dense out| is reported too.
+
+Against sdpa_causal every row reports its speed-up (fwd and fwd+bwd) and the *block-density limit*: the
+speed-up a block-sparse kernel would reach if each computed 32 x 32 tile cost what a causal tile costs,
+i.e. tile_density_32(causal) / tile_density_32(layout) (conv at the paper shape: 51.2% / 30.9% = 1.66x),
+and the fraction of that limit reached ("% lim"). The sparse path may use other tiles (its note says which);
+the limit stays defined on 32 x 32 tiles.
 """
 
 from __future__ import annotations
@@ -105,7 +111,8 @@ def _backend_fn(backend: str, layout: str, spec, device: torch.device, L: int, f
         return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)), "plain causal"
     if backend == "sparse":
         plan = sparse.get_plan(spec, device, permuted=permuted)
-        return _in_order(plan.layout, lambda q, k, v: sparse.block_sparse_attention(q, k, v, plan)), ""
+        note = f"tiles {plan.layout.block_q}x{plan.layout.block_k}"
+        return _in_order(plan.layout, lambda q, k, v: sparse.block_sparse_attention(q, k, v, plan)), note
     if backend == "triton":
         if device.type != "cuda":
             return None, "compiled Triton needs a GPU (the interpreter is for tests)"
@@ -222,7 +229,13 @@ def bench_attention(
                     r["speedup_fwd_bwd_vs_dense"] = dense["fwd_bwd_ms"] / r["fwd_bwd_ms"]
     for r in rows:
         if "fwd_ms" in r and sdpa_causal_row is not None:
+            r["speedup_fwd_vs_sdpa_causal"] = sdpa_causal_row["fwd_ms"] / r["fwd_ms"]
             r["speedup_fwd_bwd_vs_sdpa_causal"] = sdpa_causal_row["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+            # block-density limit vs sdpa_causal and the fraction of it reached (module docstring)
+            limit = sdpa_causal_row["tile_density_32"] / r["tile_density_32"]
+            r["density_limit_vs_sdpa_causal"] = limit
+            r["fraction_of_limit_fwd"] = r["speedup_fwd_vs_sdpa_causal"] / limit
+            r["fraction_of_limit_fwd_bwd"] = r["speedup_fwd_bwd_vs_sdpa_causal"] / limit
     return {
         "shape": {
             "batch": batch,
@@ -252,9 +265,13 @@ def format_table(result: dict) -> str:
     )
     cols = (
         f"{'layout':17s} {'backend':12s} {'tiles':>6s} {'fwd ms':>9s} {'f+b ms':>9s} {'fwd TF/s':>9s} "
-        f"{'f+b TF/s':>9s} {'x dense':>8s} {'x dense':>8s} {'max|diff|':>10s}"
+        f"{'f+b TF/s':>9s} {'x dense':>8s} {'x dense':>8s} {'x causal':>8s} {'x causal':>8s} {'limit':>6s} "
+        f"{'% lim':>6s} {'% lim':>6s} {'max|diff|':>10s}"
     )
-    sub = f"{'':17s} {'':12s} {'@32':>6s} {'':>9s} {'':>9s} {'':>9s} {'':>9s} {'fwd':>8s} {'f+b':>8s}"
+    sub = (
+        f"{'':17s} {'':12s} {'@32':>6s} {'':>9s} {'':>9s} {'':>9s} {'':>9s} {'fwd':>8s} {'f+b':>8s} {'fwd':>8s} "
+        f"{'f+b':>8s} {'':>6s} {'fwd':>6s} {'f+b':>6s}"
+    )
     lines = [head, cols, sub]
     for r in result["rows"]:
         if "fwd_ms" not in r:
@@ -265,6 +282,9 @@ def format_table(result: dict) -> str:
             f"{r['layout']:17s} {r['backend']:12s} {r['tile_density_32']:6.1%} {r['fwd_ms']:9.2f} "
             f"{r['fwd_bwd_ms']:9.2f} {r['fwd_tflops']:9.4f} {r['fwd_bwd_tflops']:9.4f} "
             f"{r.get('speedup_fwd_vs_dense', math.nan):8.2f} {r.get('speedup_fwd_bwd_vs_dense', math.nan):8.2f} "
-            f"{'' if diff is None else f'{diff:10.1e}'}"
+            f"{r.get('speedup_fwd_vs_sdpa_causal', math.nan):8.2f} "
+            f"{r.get('speedup_fwd_bwd_vs_sdpa_causal', math.nan):8.2f} "
+            f"{r.get('density_limit_vs_sdpa_causal', math.nan):6.2f} {r.get('fraction_of_limit_fwd', math.nan):6.0%} "
+            f"{r.get('fraction_of_limit_fwd_bwd', math.nan):6.0%} {'' if diff is None else f'{diff:10.1e}'}"
         )
     return "\n".join(lines)

@@ -1,25 +1,33 @@
 """The `sparse` attention backend: plain PyTorch that computes only the non-empty tiles of the mask.
 
-It reads the block layout of `dalle_ds.attention.layout` (itself derived from `masks.allowed`) and turns it
-into a plan of a few large batched matmuls:
+It reads the block layout of `dalle_ds.attention.layout` (itself derived from `masks.allowed`) and splits the
+keys of every query row into at most two *pieces*, each one fused attention call:
 
-  * a *rectangle*: a run of query blocks whose first P key blocks are all full (every image query
-    sees every text key). Those scores are one plain `bmm` over contiguous slices: no gather, no mask.
-  * *groups*: the remaining tiles of each query block, gathered per query block (keys and values of
-    its key blocks side by side) and batched with the other query blocks of the same shape. Within
-    a group the full tiles come first and need no mask; an additive 0/-inf bias is added to the
-    partial tiles' slice only (plus padding slots when a group merges query blocks of different
-    shapes, which a small cost model does when it saves kernel launches).
+  * the *rectangle*: a run of query blocks whose first P key blocks are all full (every image query sees
+    every text key). Contiguous slices of Q, K, V, no mask: one dense attention call.
+  * *groups*: the remaining tiles of each query block. Query blocks of the same shape are batched: the
+    keys and values of a member's key blocks are laid side by side (a gather, or an overlapping strided
+    view when the members read a sliding window of blocks, as the conv and transposed column layers do)
+    and an additive 0/-inf mask covers the partial tiles and the padding slots of merged groups (a small
+    cost model merges query blocks of different shapes when that saves calls).
 
-One softmax spans the rectangle and the group of each row (row max and row sum are combined across
-the two), exactly as dense attention. A custom `autograd.Function` keeps the exponentiated scores
-and writes the backward by hand: dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dQ = dS K,
-dK = dS^T Q, dV = P^T dO, with the 1/rowsum folded into the small (L, D) operands instead of the
-score tiles. Keys and values of the gathered groups are scattered back with `index_add_`.
+A piece returns its output and the log-sum-exp of its scores; a row covered by both pieces combines them
+(out = sum_p out_p * exp(lse_p - lse), lse = logaddexp over pieces), which is exact. The backward gives
+each piece the combined output and log-sum-exp, so each piece's gradient is its part of the full softmax's
+(dS = P * (dP - rowsum(dO * O)) with P = exp(S - lse)); dK and dV of gathered blocks are scattered back
+with `index_add_`. Only q, k, v, the output and the log-sum-exp are kept for the backward.
+
+On the CPU a piece is PyTorch's fused flash-attention kernel (the forward and backward that
+`scaled_dot_product_attention` runs, called through the aten ops that return and take the log-sum-exp):
+scores stay in cache, where a chain of bmm / softmax / cat over (rows, keys) tensors streams them through
+memory several times. Elsewhere (a V100 without Triton) a piece is the same math in plain matmuls.
+
+Tiles are 32 x 32 for the row and column layers; conv and causal rows read wider windows, where 64-row
+query blocks give the fused kernel bigger matmuls for a few more masked entries (`default_blocks`).
 
 The column layer runs in the paper's transposed (column-major) order, where its pattern is
 block-diagonal causal, and the output is permuted back. Half-precision inputs are computed in fp32
-and cast back. Works on any device (it is only torch ops); on a GPU the `triton` backend is faster.
+and cast back.
 """
 
 from __future__ import annotations
@@ -35,21 +43,24 @@ from dalle_ds.attention import layout as layout_mod
 from dalle_ds.attention.layout import FULL, BlockLayout
 from dalle_ds.attention.masks import MaskSpec
 
-DEFAULT_BLOCK = 32  # tile size of the CPU path (32 beats 64 at the paper shape: fewer wasted entries)
+DEFAULT_BLOCK = 32  # tile size of the row and column layers (32 beats 64 there: fewer wasted entries)
+# (query block, key block) per mask kind where 32 x 32 is not the fastest (paper shape, CPU, see default_blocks)
+WIDE_BLOCKS = {"conv": (64, 32), "causal": (64, 32)}
 GROUP_OVERHEAD_TILES = 4.0  # cost model: one extra group costs about as much as this many tiles
-BIAS_COST = 0.25  # a biased tile costs this much more than an unbiased one
+MASK_COST = 0.25  # a masked tile costs this much more than a full one
 
 
 @dataclass(frozen=True, eq=False)
 class Group:
-    """Query blocks computed together: nG query blocks, each with W gathered key blocks."""
+    """Query blocks computed together: nG query blocks, each with W key blocks side by side."""
 
     q_blocks: torch.Tensor  # (nG,) long
     q_range: tuple[int, int] | None  # (first, last + 1) when q_blocks is a contiguous run
-    k_blocks: torch.Tensor  # (nG * W,) long, row-major (query block, slot)
+    k_blocks: torch.Tensor  # (nG * W,) long, row-major (query block, slot), each member's blocks ascending
     width: int  # W
-    n_plain: int  # slots [0, n_plain) are full tiles for every member: no bias
-    bias: torch.Tensor | None  # (nG, bq, (W - n_plain) * bk) additive 0 / -inf, or None
+    mask: torch.Tensor | None  # (1, nG, bq, W * bk) additive 0 / -inf, None when every tile is full
+    empty_rows: torch.Tensor | None  # (nG, bq) bool: rows with no allowed key here (their lse is -inf)
+    slide: tuple[int, int] | None  # (first, step): member i reads blocks first + i * step + [0, W), else None
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,6 +80,14 @@ class Plan:
         if self.rect_rows is not None:
             n += (self.rect_rows[1] - self.rect_rows[0]) // lay.block_q * (self.rect_keys // lay.block_k)
         return n + sum(len(g.q_blocks) * g.width for g in self.groups)
+
+
+def default_blocks(spec: MaskSpec) -> tuple[int, int]:
+    """(block_q, block_k) of the CPU path for `spec`. Conv rows see 7 key blocks of 32 beside the text, causal
+    rows many: 64-row query blocks cost ~5% more masked entries there but fwd+bwd ran ~8% (conv) and ~20%
+    (causal) faster (paper shape, 1 thread, CPU time); the row and column layers read 1-2 blocks, where 32-row
+    blocks were 5% faster."""
+    return WIDE_BLOCKS.get(spec.kind, (DEFAULT_BLOCK, DEFAULT_BLOCK))
 
 
 def _rectangle(lay: BlockLayout) -> tuple[int, int, int]:
@@ -104,8 +123,7 @@ def _partition(widths: list[int], counts: list[int], plains: list[int]) -> list[
             W = max(widths[i:j])
             P = min(plains[i:j])
             nG = sum(counts[i:j])
-            biased = W - P
-            cost = GROUP_OVERHEAD_TILES + nG * W + BIAS_COST * nG * biased
+            cost = GROUP_OVERHEAD_TILES + nG * W + MASK_COST * nG * (W - P)
             if best[i] + cost < best[j]:
                 best[j], cut[j] = best[i] + cost, i
     runs, j = [], n
@@ -115,68 +133,106 @@ def _partition(widths: list[int], counts: list[int], plains: list[int]) -> list[
     return runs[::-1]
 
 
+def _window(members: list, W: int, n_blocks: int) -> list[int] | None:
+    """Start block of each member's W-block window when the windows slide (start_i = start_0 + i * step) and
+    each holds that member's blocks, aligned to end at its last block or to begin at its first; else None.
+    A sliding window is read as an overlapping view of K / V instead of a gather."""
+    for align in ("end", "start"):
+        starts = [
+            (max(f + [kb for kb, _ in p]) - W + 1) if align == "end" else min(f + [kb for kb, _ in p])
+            for _, f, p in members
+        ]
+        step = starts[1] - starts[0] if len(starts) > 1 else 0
+        if (
+            step >= 0
+            and all(b - a == step for a, b in zip(starts, starts[1:]))
+            and starts[0] >= 0
+            and starts[-1] + W <= n_blocks
+            and all(st <= kb < st + W for st, (_, f, p) in zip(starts, members) for kb in f + [kb for kb, _ in p])
+        ):
+            return starts
+    return None
+
+
+def _split_off_window(members: list, n_blocks: int) -> list[list]:
+    """members as one group, or as [before, longest sliding run, after] when the whole does not slide but a
+    run of at least half of them does (groups of 8 or more) (a view instead of a gather for most of the work)."""
+    W = max(len(f) + len(p) for _, f, p in members)
+    n = len(members)
+    if n < 8 or _window(members, W, n_blocks) is not None:  # small groups: the gather is cheap
+        return [members]
+    best = (0, 0)
+    for i in range(n):
+        for j in range(n, i + best[1] - best[0], -1):  # longest first
+            if _window(members[i:j], W, n_blocks) is not None:
+                best = (i, j)
+                break
+    if 2 * (best[1] - best[0]) < n:
+        return [members]
+    return [part for part in (members[: best[0]], members[best[0] : best[1]], members[best[1] :]) if part]
+
+
+def _make_group(lay: BlockLayout, members: list) -> Group:
+    """One group from its members (qb, full key blocks, [(partial key block, mask id)]), sorted by qb."""
+    bq, bk, L = lay.block_q, lay.block_k, lay.seq_len
+    W = max(len(f) + len(p) for _, f, p in members)
+    nG = len(members)
+    starts = _window(members, W, lay.n_k_blocks)
+    k_blocks = torch.zeros(nG, W, dtype=torch.long)
+    allow = torch.zeros(nG, bq, W, bk, dtype=torch.bool)
+    for g, (qb, full, part) in enumerate(members):
+        tiles = dict.fromkeys(full, None) | dict(part)  # key block -> partial mask id (None: full)
+        slots = list(range(starts[g], starts[g] + W)) if starts else sorted(tiles)
+        slots += [slots[-1]] * (W - len(slots))  # padding slots: any real block, masked out
+        k_blocks[g] = torch.tensor(slots, dtype=torch.long)
+        for s, kb in enumerate(slots):
+            if kb in tiles:  # a window block the member does not read, or a repeat, stays masked
+                m = tiles.pop(kb)
+                allow[g, :, s] = True if m is None else lay.tile_masks[m]
+        allow[g, torch.arange(qb * bq, (qb + 1) * bq) >= L] = True  # "don't care" rows: keep finite
+    mask = empty = None
+    if not bool(allow.all()):
+        mask = torch.zeros(1, nG, bq, W * bk)
+        mask.masked_fill_(~allow.view(1, nG, bq, W * bk), float("-inf"))
+        empty = ~allow.view(nG, bq, W * bk).any(dim=-1)
+        empty = empty if bool(empty.any()) else None
+    qbs = torch.tensor([m[0] for m in members], dtype=torch.long)
+    contiguous = bool((qbs[1:] - qbs[:-1] == 1).all()) if nG > 1 else True
+    return Group(
+        q_blocks=qbs,
+        q_range=(int(qbs[0]), int(qbs[-1]) + 1) if contiguous else None,
+        k_blocks=k_blocks.flatten(),
+        width=W,
+        mask=mask,
+        empty_rows=empty,
+        slide=(starts[0], starts[1] - starts[0] if nG > 1 else 0) if starts else None,
+    )
+
+
 def build_plan(lay: BlockLayout, merge: bool = True) -> Plan:
     """Turn a layout into a rectangle plus groups (see the module docstring)."""
-    bq, bk, nq = lay.block_q, lay.block_k, lay.n_q_blocks
-    L = lay.seq_len
     r0, r1, P = _rectangle(lay)
     # per query block: the tiles left after the rectangle, as (full list, partial list with mask ids)
-    rest = []
-    for qb in range(nq):
+    sig: dict[tuple[int, int], list] = {}  # (n_full, n_partial) -> members
+    for qb in range(lay.n_q_blocks):
         cnt, nf = int(lay.kv_count[qb]), int(lay.kv_full[qb])
         idx = lay.kv_index[qb, :cnt].tolist()
         mid = lay.kv_mask_id[qb, :cnt].tolist()
         skip = P if r0 <= qb < r1 else 0  # the rectangle's key blocks are the first P full ones
-        full = idx[skip:nf]
-        part = list(zip(idx[nf:], mid[nf:]))
+        full, part = idx[skip:nf], list(zip(idx[nf:], mid[nf:]))
         if full or part:
-            rest.append((qb, full, part))
-    # signatures (n_full, n_partial) -> query blocks
-    sig: dict[tuple[int, int], list] = {}
-    for item in rest:
-        sig.setdefault((len(item[1]), len(item[2])), []).append(item)
+            sig.setdefault((len(full), len(part)), []).append((qb, full, part))
     keys = sorted(sig, key=lambda s: (s[0] + s[1], -s[0]))
     widths = [f + p for f, p in keys]
-    plains = [f for f, _ in keys]  # leading full slots: no bias needed there
+    plains = [f for f, _ in keys]  # full tiles need no mask
     counts = [len(sig[s]) for s in keys]
     runs = _partition(widths, counts, plains) if merge else [(i, i + 1) for i in range(len(keys))]
-
     groups = []
     for i, j in runs:
-        members = [item for s in keys[i:j] for item in sig[s]]
-        members.sort(key=lambda it: it[0])
-        W = max(widths[i:j])
-        n_plain = min(plains[i:j])
-        nG = len(members)
-        k_blocks = torch.zeros(nG, W, dtype=torch.long)
-        biased = W - n_plain
-        need_bias = biased > 0
-        allow = torch.ones(nG, bq, biased, bk, dtype=torch.bool) if need_bias else None
-        for g, (qb, full, part) in enumerate(members):
-            slots = full + [kb for kb, _ in part]
-            pad = W - len(slots)
-            k_blocks[g, : len(slots)] = torch.tensor(slots, dtype=torch.long)
-            if pad:
-                k_blocks[g, len(slots) :] = slots[0]  # any real block; masked out below
-            if need_bias:
-                for s, (kb, m) in enumerate(part):
-                    allow[g, :, len(full) + s - n_plain] = lay.tile_masks[m]
-                if pad:
-                    allow[g, :, len(slots) - n_plain :] = False
-                pad_rows = torch.arange(qb * bq, (qb + 1) * bq) >= L  # "don't care" rows: keep finite
-                allow[g, pad_rows] = True
-        bias = None
-        if need_bias:
-            bias = torch.zeros(nG, bq, biased * bk)
-            bias.masked_fill_(~allow.view(nG, bq, biased * bk), float("-inf"))
-        qbs = torch.tensor([m[0] for m in members], dtype=torch.long)
-        contiguous = bool((qbs[1:] - qbs[:-1] == 1).all()) if nG > 1 else True
-        q_range = (int(qbs[0]), int(qbs[-1]) + 1) if contiguous else None
-        groups.append(
-            Group(q_blocks=qbs, q_range=q_range, k_blocks=k_blocks.flatten(), width=W, n_plain=n_plain, bias=bias)
-        )
-    rect_rows = (r0 * bq, r1 * bq) if P else None
-    return Plan(layout=lay, rect_rows=rect_rows, rect_keys=P * bk, groups=tuple(groups))
+        members = sorted((m for s in keys[i:j] for m in sig[s]), key=lambda m: m[0])
+        groups.extend(_make_group(lay, part) for part in _split_off_window(members, lay.n_k_blocks))
+    rect_rows = (r0 * lay.block_q, r1 * lay.block_q) if P else None
+    return Plan(layout=lay, rect_rows=rect_rows, rect_keys=P * lay.block_k, groups=tuple(groups))
 
 
 def _plan_to(plan: Plan, device: torch.device) -> Plan:
@@ -188,8 +244,9 @@ def _plan_to(plan: Plan, device: torch.device) -> Plan:
             q_range=g.q_range,
             k_blocks=g.k_blocks.to(device),
             width=g.width,
-            n_plain=g.n_plain,
-            bias=None if g.bias is None else g.bias.to(device),
+            mask=None if g.mask is None else g.mask.to(device),
+            empty_rows=None if g.empty_rows is None else g.empty_rows.to(device),
+            slide=g.slide,
         )
         for g in plan.groups
     )
@@ -198,24 +255,68 @@ def _plan_to(plan: Plan, device: torch.device) -> Plan:
 
 
 @lru_cache(maxsize=64)
-def _cpu_plan(spec: MaskSpec, block: int, permuted: bool) -> Plan:
-    return build_plan(layout_mod.block_layout(spec, block, permuted=permuted))
+def _cpu_plan(spec: MaskSpec, block_q: int, block_k: int, permuted: bool) -> Plan:
+    return build_plan(layout_mod.block_layout(spec, block_q, block_k, permuted=permuted))
 
 
 _PLANS: dict[tuple, Plan] = {}
 
 
 def get_plan(
-    spec: MaskSpec, device: torch.device | str, block: int = DEFAULT_BLOCK, permuted: bool | None = None
+    spec: MaskSpec, device: torch.device | str, block: int | None = None, permuted: bool | None = None
 ) -> Plan:
-    """The cached plan of `spec` on `device` (permuted defaults to True for the column layer)."""
+    """The cached plan of `spec` on `device`: block x block tiles, or `default_blocks(spec)` when block is None
+    (permuted defaults to True for the column layer)."""
     permuted = layout_mod.default_permuted(spec) if permuted is None else permuted
+    bq, bk = default_blocks(spec) if block is None else (block, block)
     device = torch.device(device)
-    key = (spec, block, permuted, str(device))
+    key = (spec, bq, bk, permuted, str(device))
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _plan_to(_cpu_plan(spec, block, permuted), device)
+        plan = _PLANS[key] = _plan_to(_cpu_plan(spec, bq, bk, permuted), device)
     return plan
+
+
+# ----------------------------------------------------------------------------------------------
+# One piece: attention of q (X, N, M, D) over k, v (X, N, S, D) with an additive mask (1, N, M, S) or None,
+# returning the output and the log-sum-exp of the scaled, masked scores (X, N, M); and its backward given
+# the combined output and log-sum-exp of every piece of those rows.
+
+
+def _math_piece(q, k, v, mask, scale):
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    if mask is not None:
+        s = s.add_(mask)
+    lse = torch.logsumexp(s, dim=-1)
+    p = s.sub_(torch.where(torch.isinf(lse), 0.0, lse)[..., None]).exp_()  # a row with no key: p = 0
+    return torch.matmul(p, v), lse
+
+
+def _math_piece_backward(dout, q, k, v, out, lse, mask, scale):
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    if mask is not None:
+        s = s.add_(mask)
+    p = s.sub_(lse[..., None]).exp_()  # P of the whole softmax (lse of all pieces)
+    ds = torch.matmul(dout, v.transpose(-1, -2)).sub_((dout * out).sum(dim=-1, keepdim=True)).mul_(p)
+    dq = torch.matmul(ds, k).mul_(scale)
+    dk = torch.matmul(ds.transpose(-1, -2), q).mul_(scale)
+    return dq, dk, torch.matmul(p.transpose(-1, -2), dout)
+
+
+def _flash_piece(q, k, v, mask, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _flash_piece_backward(dout, q, k, v, out, lse, mask, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale
+    )
+
+
+def _pieces(device: torch.device, fused: bool | None):
+    """(forward, backward) of a piece: the fused CPU kernel on the CPU (fused=None), else plain matmuls."""
+    fused = device.type == "cpu" if fused is None else fused
+    return (_flash_piece, _flash_piece_backward) if fused else (_math_piece, _math_piece_backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,8 +328,11 @@ def _blocks(t: torch.Tensor, n: int, b: int) -> torch.Tensor:
 
 
 def _gather(t: torch.Tensor, n: int, b: int, g: Group) -> torch.Tensor:
-    """Rows of the group's key blocks side by side: (X, nG, W*b, D)."""
+    """Rows of the group's key blocks side by side: (X, nG, W*b, D); a view (no copy) for a sliding window."""
     X, D = t.shape[0], t.shape[-1]
+    if g.slide is not None:  # t is contiguous (X, n*b, D): member i starts at block first + i*step
+        first, step = g.slide
+        return t.as_strided((X, len(g.q_blocks), g.width * b, D), (t.stride(0), step * b * D, D, 1), first * b * D)
     return _blocks(t, n, b).index_select(1, g.k_blocks).view(X, len(g.q_blocks), g.width * b, D)
 
 
@@ -240,103 +344,88 @@ def _rows(t: torch.Tensor, n: int, b: int, g: Group) -> torch.Tensor:
     return tb.index_select(1, g.q_blocks)
 
 
-def _add_rows(dst: torch.Tensor, n: int, b: int, g: Group, src: torch.Tensor) -> None:
+def _put_rows(dst: torch.Tensor, n: int, b: int, g: Group, src: torch.Tensor, add: bool) -> None:
     db = dst.view(dst.shape[0], n, b, *dst.shape[2:])
     if g.q_range is not None:
-        db[:, g.q_range[0] : g.q_range[1]] += src
-    else:
+        rows = db[:, g.q_range[0] : g.q_range[1]]
+        if add:
+            rows.add_(src)
+        else:
+            rows.copy_(src)
+    elif add:
         db.index_add_(1, g.q_blocks, src)
+    else:
+        db.index_copy_(1, g.q_blocks, src)
 
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan: Plan, scale: float):  # q, k, v: (X, Lp, D) / (X, Lkp, D)
+    def forward(ctx, q, k, v, plan: Plan, scale: float, fused: bool | None):  # q, k, v: (X, Lp, D) / (X, Lkp, D)
         lay = plan.layout
         bq, bk, nq, nk = lay.block_q, lay.block_k, lay.n_q_blocks, lay.n_k_blocks
-        X, Lp, D = q.shape
-        qs = q * scale
-        m = torch.full((X, Lp), float("-inf"), dtype=q.dtype, device=q.device)  # row max
-        s_rect, s_groups = None, []
-        if plan.rect_rows is not None:
-            r0, r1 = plan.rect_rows
-            s_rect = torch.bmm(qs[:, r0:r1], k[:, : plan.rect_keys].transpose(1, 2))  # (X, R, Kr)
-            m[:, r0:r1] = s_rect.amax(dim=-1)
-        kv_groups = []
+        piece, _ = _pieces(q.device, fused)
+        out = torch.zeros_like(q)  # rows with no tile at all stay 0
+        lse = torch.full(q.shape[:2], float("-inf"), dtype=q.dtype, device=q.device)
         for g in plan.groups:
-            kg, vg = _gather(k, nk, bk, g), _gather(v, nk, bk, g)  # (X, nG, W*bk, D)
-            kv_groups.append((kg, vg))
-            s = torch.matmul(_rows(qs, nq, bq, g), kg.transpose(-1, -2))  # (X, nG, bq, W*bk)
-            if g.bias is not None:
-                s[..., g.n_plain * bk :] += g.bias
-            mg = s.amax(dim=-1)  # (X, nG, bq)
-            cur = _rows(m, nq, bq, g)
-            if g.q_range is not None:
-                torch.maximum(cur, mg, out=cur)
-            else:
-                m.view(X, nq, bq).index_copy_(1, g.q_blocks, torch.maximum(cur, mg))
-            s_groups.append(s)
-        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # a row with no key at all -> output 0
-        out = torch.zeros_like(q)
-        lsum = torch.zeros_like(m)
-        if s_rect is not None:
-            e_rect = s_rect.sub_(m[:, r0:r1, None]).exp_()  # in place: E = exp(S - m)
-            lsum[:, r0:r1] += e_rect.sum(dim=-1)
-            out[:, r0:r1] = torch.bmm(e_rect, v[:, : plan.rect_keys])
-        for g, s, (_, vg) in zip(plan.groups, s_groups, kv_groups):
-            e = s.sub_(_rows(m, nq, bq, g)[..., None]).exp_()
-            _add_rows(lsum, nq, bq, g, e.sum(dim=-1))
-            _add_rows(out, nq, bq, g, torch.matmul(e, vg))
-        rinv = torch.where(lsum > 0, 1.0 / lsum, torch.zeros_like(lsum))
-        out.mul_(rinv[..., None])
-        # exp-scores and gathered keys/values are kept for the backward (saved, so that saved-tensor
-        # hooks such as activation checkpointing see them); the rectangle's E only when there is one
-        ctx.save_for_backward(
-            qs, k, v, out, rinv, *([] if s_rect is None else [s_rect]), *s_groups, *(t for kv in kv_groups for t in kv)
-        )
-        ctx.plan, ctx.scale = plan, scale
+            mask = None if g.mask is None else g.mask.to(q.dtype)
+            o, m = piece(_rows(q, nq, bq, g), _gather(k, nk, bk, g), _gather(v, nk, bk, g), mask, scale)
+            if g.empty_rows is not None:  # the fused kernel reports 0 there: it must add nothing below
+                m = m.masked_fill(g.empty_rows, float("-inf"))
+            _put_rows(out, nq, bq, g, o, add=False)
+            _put_rows(lse, nq, bq, g, m, add=False)
+        if plan.rect_rows is not None:  # combine with the groups' part of the same rows
+            r0, r1 = plan.rect_rows
+            R = plan.rect_keys
+            o, m = piece(q[:, None, r0:r1], k[:, None, :R], v[:, None, :R], None, scale)
+            m_old = lse[:, r0:r1]
+            m_new = torch.logaddexp(m_old, m[:, 0])
+            out[:, r0:r1].mul_((m_old - m_new).exp_()[..., None]).add_(o[:, 0] * (m[:, 0] - m_new).exp_()[..., None])
+            lse[:, r0:r1] = m_new
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.scale, ctx.fused = plan, scale, fused
         return out
 
     @staticmethod
     def backward(ctx, dout):
         plan, scale = ctx.plan, ctx.scale
-        qs, k, v, out, rinv, *rest = ctx.saved_tensors
-        e_rect = rest.pop(0) if plan.rect_rows is not None else None
-        n = len(plan.groups)
-        e_groups, kv_groups = rest[:n], list(zip(rest[n::2], rest[n + 1 :: 2]))
+        q, k, v, out, lse = ctx.saved_tensors
         lay = plan.layout
         bq, bk, nq, nk = lay.block_q, lay.block_k, lay.n_q_blocks, lay.n_k_blocks
-        X = qs.shape[0]
-        don = dout.contiguous() * rinv[..., None]  # dO / l
-        deltan = (don * out).sum(dim=-1)  # rowsum(dO * O) / l
-        dq, dk, dv = torch.zeros_like(qs), torch.zeros_like(k), torch.zeros_like(v)
+        X, _, D = q.shape
+        _, piece_backward = _pieces(q.device, ctx.fused)
+        dout = dout.contiguous()
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for g in plan.groups:
+            nG = len(g.q_blocks)
+            mask = None if g.mask is None else g.mask.to(q.dtype)
+            rows = [_rows(t, nq, bq, g) for t in (dout, q)]
+            kg, vg = _gather(k, nk, bk, g), _gather(v, nk, bk, g)
+            dqg, dkg, dvg = piece_backward(*rows, kg, vg, _rows(out, nq, bq, g), _rows(lse, nq, bq, g), mask, scale)
+            _put_rows(dq, nq, bq, g, dqg, add=True)
+            _blocks(dk, nk, bk).index_add_(1, g.k_blocks, dkg.reshape(X, nG * g.width, bk, D))
+            _blocks(dv, nk, bk).index_add_(1, g.k_blocks, dvg.reshape(X, nG * g.width, bk, D))
         if plan.rect_rows is not None:
             r0, r1 = plan.rect_rows
-            kr = plan.rect_keys
-            e = e_rect
-            ds = torch.bmm(don[:, r0:r1], v[:, :kr].transpose(1, 2))  # dP / l
-            ds.sub_(deltan[:, r0:r1, None]).mul_(e)  # dS
-            dq[:, r0:r1] = torch.bmm(ds, k[:, :kr])
-            dk[:, :kr] += torch.bmm(ds.transpose(1, 2), qs[:, r0:r1])
-            dv[:, :kr] += torch.bmm(e.transpose(1, 2), don[:, r0:r1])
-        for g, e, (kg, vg) in zip(plan.groups, e_groups, kv_groups):
-            nG = len(g.q_blocks)
-            dog = _rows(don, nq, bq, g)  # (X, nG, bq, D)
-            ds = torch.matmul(dog, vg.transpose(-1, -2))
-            ds.sub_(_rows(deltan, nq, bq, g)[..., None]).mul_(e)
-            _add_rows(dq, nq, bq, g, torch.matmul(ds, kg))
-            dkg = torch.matmul(ds.transpose(-1, -2), _rows(qs, nq, bq, g))  # (X, nG, W*bk, D)
-            dvg = torch.matmul(e.transpose(-1, -2), dog)
-            _blocks(dk, nk, bk).index_add_(1, g.k_blocks, dkg.view(X, nG * g.width, bk, -1))
-            _blocks(dv, nk, bk).index_add_(1, g.k_blocks, dvg.view(X, nG * g.width, bk, -1))
-        dq.mul_(scale)
-        return dq, dk, dv, None, None
+            R = plan.rect_keys
+            args = (dout[:, None, r0:r1], q[:, None, r0:r1], k[:, None, :R], v[:, None, :R], out[:, None, r0:r1])
+            dqr, dkr, dvr = piece_backward(*args, lse[:, None, r0:r1], None, scale)
+            dq[:, r0:r1] += dqr[:, 0]
+            dk[:, :R] += dkr[:, 0]
+            dv[:, :R] += dvr[:, 0]
+        return dq, dk, dv, None, None, None
 
 
 def block_sparse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: Plan,
+    scale: float | None = None,
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v over the plan's non-empty tiles; q, k, v (B, H, L, D) in the
-    plan's order (permute first for a permuted layout). Returns (B, H, L, D) in q's dtype."""
+    plan's order (permute first for a permuted layout). Returns (B, H, L, D) in q's dtype. fused: use the
+    fused CPU kernel (default: on the CPU) or plain matmuls (False; the only choice elsewhere)."""
     lay = plan.layout
     B, H, L, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -348,13 +437,14 @@ def block_sparse_attention(
         q = F.pad(q, (0, 0, 0, pq))
     if pk:
         k, v = F.pad(k, (0, 0, 0, pk)), F.pad(v, (0, 0, 0, pk))
-    out = _BlockSparseAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), plan, scale)
+    out = _BlockSparseAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), plan, scale, fused)
     return out[:, :L].reshape(B, H, L, D).to(dtype)
 
 
 def sparse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, block: int = DEFAULT_BLOCK
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, block: int | None = None
 ) -> torch.Tensor:
-    """The `sparse` backend: q, k, v (B, H, L, D) in the model's order -> (B, H, L, D)."""
+    """The `sparse` backend: q, k, v (B, H, L, D) in the model's order -> (B, H, L, D). block: square tiles of
+    this size, or None for `default_blocks(spec)`."""
     plan = get_plan(spec, q.device, block)
     return layout_mod.run_in_layout_order(plan.layout, lambda a, b, c: block_sparse_attention(a, b, c, plan), q, k, v)
