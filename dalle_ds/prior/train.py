@@ -39,6 +39,23 @@ def lr_factor(step: int, t: PriorTrainConfig) -> float:
     return t.lr_end_ratio + (1.0 - t.lr_end_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
+def block_scaler(engine, t: PriorTrainConfig):
+    """The per-resblock gradient scaler prior_train asks for (a step-pipeline stage), or None when
+    grad_scaling is off."""
+    if t.grad_scaling == "off":
+        return None
+    policy = ScalingPolicy(
+        mode=t.grad_scaling,
+        on_nonfinite=t.grad_scaling_policy,
+        init_log2=t.grad_scale_init_log2,
+        min_log2=t.grad_scale_min_log2,
+        max_log2=t.grad_scale_max_log2,
+        growth_interval=t.grad_scale_growth_interval,
+        world=world_size(),
+    )
+    return scaler_for(engine, engine.module, policy)
+
+
 def node_groups_for(t: PriorTrainConfig):
     """Node groups when gradients between nodes are compressed and there is more than one node, else None
     (plain ZeRO-3 over every rank)."""
@@ -145,21 +162,8 @@ def train_prior(
         )
         extra_state["node_exchange"] = exchange
         stages.append(exchange)
-    scaler = None
-    if tcfg.grad_scaling != "off":
-        scaler = scaler_for(
-            engine,
-            engine.module,
-            ScalingPolicy(
-                mode=tcfg.grad_scaling,
-                on_nonfinite=tcfg.grad_scaling_policy,
-                init_log2=tcfg.grad_scale_init_log2,
-                min_log2=tcfg.grad_scale_min_log2,
-                max_log2=tcfg.grad_scale_max_log2,
-                growth_interval=tcfg.grad_scale_growth_interval,
-                world=world_size(),
-            ),
-        )
+    scaler = block_scaler(engine, tcfg)
+    if scaler is not None:
         stages.append(scaler)
     ema = EMA(engine.module, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
 

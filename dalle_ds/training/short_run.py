@@ -22,11 +22,11 @@ import torch
 from dalle_ds import attention
 from dalle_ds.config import apply_overrides, get_preset
 from dalle_ds.prior.model import Prior
-from dalle_ds.prior.train import lr_factor
+from dalle_ds.prior.train import block_scaler, lr_factor
 from dalle_ds.resources import DS_CONFIGS
-from dalle_ds.training.distributed import device, init_distributed, world_size
+from dalle_ds.training.distributed import device, init_distributed
 from dalle_ds.training.engine import build_engine, load_ds_config
-from dalle_ds.training.grad_scaling import ScalingPolicy, loss_scale_reader, scaler_for
+from dalle_ds.training.grad_scaling import loss_scale_reader
 from dalle_ds.training.loop import LoopConfig, fit
 from dalle_ds.training.precision import precision_of
 
@@ -127,22 +127,6 @@ def _build_prior_engine(cfg, ds_cfg: dict):
     )
 
 
-def _block_scaler(engine, t):
-    """The per-resblock gradient scaler prior_train asks for, or None when grad_scaling is off."""
-    if t.grad_scaling == "off":
-        return None
-    policy = ScalingPolicy(
-        mode=t.grad_scaling,
-        on_nonfinite=t.grad_scaling_policy,
-        init_log2=t.grad_scale_init_log2,
-        min_log2=t.grad_scale_min_log2,
-        max_log2=t.grad_scale_max_log2,
-        growth_interval=t.grad_scale_growth_interval,
-        world=world_size(),
-    )
-    return scaler_for(engine, engine.module, policy)
-
-
 def _timed_fit(engine, cfg, ds_cfg: dict, out_dir, steps: int, scaler, recorder: StepRecorder, on_gpu: bool):
     """Trains on the synthetic tokens; (fit's result, seconds), with the GPU's peak-memory counter reset first."""
     text, image = synthetic_tokens(cfg.prior, 512)
@@ -204,7 +188,7 @@ def short_run(
     ds_cfg = load_ds_config(run_ds_config(spec, micro_batch, on_gpu))
     cfg = _run_config(spec, preset, steps)
     engine = _build_prior_engine(cfg, ds_cfg)
-    scaler = _block_scaler(engine, cfg.prior_train)
+    scaler = block_scaler(engine, cfg.prior_train)
     recorder = StepRecorder(engine, scaler)
     result, seconds = _timed_fit(engine, cfg, ds_cfg, out_dir, steps, scaler, recorder, on_gpu)
     backend = cfg.prior.attention_backend
