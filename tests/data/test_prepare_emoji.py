@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dalle_ds.data.prepare_emoji import caption_for, prepare
+from dalle_ds.data.prepare_emoji import caption_for, prepare, split_key
 
 pytest.importorskip("emoji")  # the CLDR names (requirements.txt)
 
@@ -78,3 +78,21 @@ def test_prepare_writes_pairs_on_white_with_cldr_captions(tmp_path):
 def test_caption_articles(name, caption):
     """An article for singular names, none for plurals and mass nouns; typographic apostrophes made ASCII."""
     assert caption_for(name) == caption
+
+
+def _other_style_in_train(sort_key, n_held=100) -> float:
+    """Sort 400 emoji in two styles by sort_key, hold out the first n_held: the fraction of held-out pictures
+    whose other style is in train."""
+    keys = [f"{style}/1F{300 + i:03X}" for i in range(400) for style in ("twitter", "google")]
+    held = set(sorted(keys, key=sort_key)[:n_held])
+    other = {"twitter": "google", "google": "twitter"}
+    return sum(f"{other[k.split('/')[0]]}/{k.split('/')[1]}" not in held for k in held) / n_held
+
+
+def test_split_puts_each_style_on_either_side_independently():
+    """Independent sides: 1 - 99/799 = 0.88 of the held-out pictures have their other style in train. The old
+    CRC32 key (linear: keys differing only in the style prefix sort together) fails the same check."""
+    import zlib
+
+    assert 0.78 <= _other_style_in_train(split_key) <= 0.97
+    assert _other_style_in_train(lambda k: (zlib.crc32(k.encode()), k)) < 0.75
