@@ -203,6 +203,7 @@ class ClipConfig:
     seed: int = 0
     hard_negatives: float = 0.0  # fraction of a batch in pairs of one-word caption neighbours (train_clip)
     shape_stream: bool = False  # image tower: a second conv stack over brightness alone (contrastive.py)
+    augment: float = 0.0  # random zoom and shift of training pictures, up to this fraction (rerank/augment.py)
 
 
 @dataclass(kw_only=True)
@@ -410,7 +411,7 @@ def _validate_prior_train(cfg: ExperimentConfig) -> None:
 
 
 def _validate_clip(cfg: ExperimentConfig) -> None:
-    """The reranker's width/heads and a usable contrastive batch."""
+    """The reranker's width/heads, a usable contrastive batch and a zoom that keeps the picture."""
     c = cfg.clip
     _require(c.width % c.heads == 0, "clip.heads", f"{c.heads} heads do not divide clip.width {c.width}")
     _require(
@@ -418,6 +419,7 @@ def _validate_clip(cfg: ExperimentConfig) -> None:
         "clip.batch_size",
         f"need clip.steps >= 1 and clip.batch_size >= 2 (a contrastive batch), got {c.steps}, {c.batch_size}",
     )
+    _require(0.0 <= c.augment < 1.0, "clip.augment", f"must be in [0, 1) (0 = off; try 0.15), got {c.augment}")
 
 
 def _validate_sample(cfg: ExperimentConfig) -> None:
@@ -591,7 +593,7 @@ def _real(image_size: int) -> ExperimentConfig:
             steps=1500, lr=2e-3, warmup_steps=100, weight_decay=1e-2, log_every=100, save_every=500, eval_every=500
         ),
         sample=SampleConfig(temperature=1.0, top_k=0, top_p=0.9, batch_size=64),
-        clip=ClipConfig(embed_dim=128, width=32, text_layers=0, steps=800, batch_size=128),
+        clip=ClipConfig(embed_dim=128, width=32, text_layers=0, steps=800, batch_size=128, augment=0.15),
     )
 
 

@@ -76,6 +76,7 @@ def test_bad_override_names_the_field(override, pattern):
         (["sample.top_p=0"], "sample.top_p"),
         (["dvae_train.mse_warmup=-1"], "dvae_train.mse_warmup"),
         (["dvae_train.mse_warmup=5"], "dvae_train.mse_warmup_steps"),  # fades over 0 steps
+        (["clip.augment=1.5"], "clip.augment"),  # a zoom past the whole picture
     ],
 )
 def test_inconsistent_combinations_are_refused(overrides, field):

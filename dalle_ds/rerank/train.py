@@ -28,6 +28,7 @@ from tqdm import tqdm
 from dalle_ds.config import ExperimentConfig
 from dalle_ds.data.sources import image_dataset
 from dalle_ds.rerank import resume as resume_io
+from dalle_ds.rerank.augment import random_zoom_shift
 from dalle_ds.rerank.contrastive import ContrastiveModel
 from dalle_ds.rerank.io import save_clip
 from dalle_ds.tokenizer import CaptionTokenizer
@@ -166,6 +167,7 @@ class _ClipRun:
 def _train_step(run: _ClipRun, idx: np.ndarray) -> tuple[torch.Tensor, dict]:
     run.model.train()
     x, caps = _batch(run.train_set, idx)
+    x = random_zoom_shift(x, run.cfg.clip.augment, run.rng)  # training pictures only, never evaluation
     loss, stats = run.model(x, run.tok.encode_batch(caps, train=False))
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
