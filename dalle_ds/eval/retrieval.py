@@ -27,17 +27,28 @@ def candidate_sets(captions: Sequence[str], k: int = 32, seed: int = 0) -> list[
     return sets
 
 
-def top1(scores: torch.Tensor | np.ndarray) -> float:
-    """scores: (N, K) with each row's own caption in column 0. The fraction of rows whose column 0 is
-    strictly above every other column (a tie is not a win)."""
+def top1_hits(scores: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """scores: (N, K) with each row's own caption in column 0. (N,) bool: column 0 is strictly above every
+    other column (a tie is not a win)."""
     s = torch.as_tensor(scores)
-    return float((s[:, :1] > s[:, 1:]).all(dim=1).float().mean())
+    return (s[:, :1] > s[:, 1:]).all(dim=1)
+
+
+def top1(scores: torch.Tensor | np.ndarray) -> float:
+    """The fraction of rows of (N, K) scores whose own caption (column 0) wins."""
+    return float(top1_hits(scores).float().mean())
+
+
+def caption_retrieval_hits(
+    reranker, images: np.ndarray, captions: Sequence[str], k: int = 32, seed: int = 0
+) -> torch.Tensor:
+    """(N,) bool: for each uint8 (H, W, 3) image, whether its own caption scores above k - 1 others, scored
+    by a `Reranker` (dalle_ds/rerank/rerankers.py)."""
+    sets = candidate_sets(captions, k, seed)
+    flat = [c for s in sets for c in s]
+    return top1_hits(reranker.score(np.repeat(np.asarray(images), k, axis=0), flat).view(len(captions), k))
 
 
 def caption_retrieval_top1(reranker, images: np.ndarray, captions: Sequence[str], k: int = 32, seed: int = 0) -> float:
-    """Top-1 caption retrieval of uint8 (N, H, W, 3) images among k captions (own + k - 1 others), scored by
-    a `Reranker` (dalle_ds/rerank/rerankers.py)."""
-    sets = candidate_sets(captions, k, seed)
-    flat = [c for s in sets for c in s]
-    scores = reranker.score(np.repeat(np.asarray(images), k, axis=0), flat).view(len(captions), k)
-    return top1(scores)
+    """Top-1 caption retrieval of uint8 (N, H, W, 3) images among k captions (own + k - 1 others)."""
+    return float(caption_retrieval_hits(reranker, images, captions, k, seed).float().mean())

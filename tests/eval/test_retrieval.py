@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from dalle_ds.eval.retrieval import candidate_sets, caption_retrieval_top1, top1
+from dalle_ds.demo.real import retrieval_by_group
+from dalle_ds.eval.retrieval import candidate_sets, caption_retrieval_hits, caption_retrieval_top1, top1
 
 
 def test_top1_by_hand():
@@ -37,3 +38,17 @@ def test_caption_retrieval_hand_example():
     for i, shown in enumerate([0, 1, 2, 0]):
         images[i] = shown * 50
     assert caption_retrieval_top1(ColourReranker(), images, caps, k=4) == pytest.approx(3 / 4)
+
+
+def test_hits_per_picture_and_split_by_caption_group():
+    """The hand example row by row (picture 3 loses), then split into two groups of captions: pictures
+    0 and 3 in one (1 of 2 wins), 1 and 2 in the other (2 of 2); an empty group is None, not 0."""
+    caps = [f"item {i}" for i in range(4)]
+    images = np.zeros((4, 2, 2, 3), np.uint8)
+    for i, shown in enumerate([0, 1, 2, 0]):
+        images[i] = shown * 50
+    hits = caption_retrieval_hits(ColourReranker(), images, caps, k=4)
+    assert hits.tolist() == [True, True, True, False]
+    seen = np.array([True, False, False, True])
+    assert retrieval_by_group(ColourReranker(), images, caps, seen, 4, 0) == (0.75, 0.5, 1.0)
+    assert retrieval_by_group(ColourReranker(), images, caps, np.ones(4, bool), 4, 0) == (0.75, 0.75, None)
