@@ -13,7 +13,7 @@ import argparse
 
 from dalle_ds.cli.common import add_config_args, run_command, training_config
 from dalle_ds.dvae.train import train_dvae
-from dalle_ds.training.distributed import is_main
+from dalle_ds.training.distributed import is_main, shutdown_distributed
 from dalle_ds.training.loop import exit_if_interrupted
 
 
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     exit_if_interrupted(summary, "dVAE")
     if is_main():
         print(f"dVAE: {summary['step']} steps, recon PSNR {summary['recon_psnr']:.2f} dB -> {summary['path']}")
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import argparse
 
 from dalle_ds.cli.common import add_config_args, existing_path, run_command, training_config
 from dalle_ds.prior.train import train_prior
-from dalle_ds.training.distributed import is_main
+from dalle_ds.training.distributed import is_main, shutdown_distributed
 from dalle_ds.training.loop import exit_if_interrupted
 
 
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
             f"prior: {s['step']} steps, val loss text {s['val_loss_text']:.4f} image {s['val_loss_image']:.4f}"
             f" -> {s['path']}"
         )
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -34,3 +34,7 @@ rest = train_prior(cfg, ds_config=ds_config, data_dir=data, out_dir=f"{out}/cut"
 if is_main():
     with open(f"{out}/summary.json", "w") as f:
         json.dump({"full": full["history"], "first": first["history"], "rest": rest["history"]}, f)
+
+from dalle_ds.training.distributed import shutdown_distributed  # noqa: E402
+
+shutdown_distributed()  # a live gloo group at exit aborts a rank now and then

@@ -24,3 +24,7 @@ summary = train_dvae(cfg, ds_config=ds_config, out_dir=out, progress=False)
 if is_main():
     with open(f"{out}/summary.json", "w") as f:
         json.dump({"losses": [h["loss"] for h in summary["history"]], "data_report": summary["data_report"]}, f)
+
+from dalle_ds.training.distributed import shutdown_distributed  # noqa: E402
+
+shutdown_distributed()  # a live gloo group at exit aborts a rank now and then

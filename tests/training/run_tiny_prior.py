@@ -22,3 +22,7 @@ summary = train_prior(cfg, ds_config=ds_config, data_dir=data, out_dir=out, prog
 if is_main():
     with open(f"{out}/losses.json", "w") as f:
         json.dump([h["loss"] for h in summary["history"]], f)
+
+from dalle_ds.training.distributed import shutdown_distributed  # noqa: E402
+
+shutdown_distributed()  # a live gloo group at exit aborts a rank now and then
