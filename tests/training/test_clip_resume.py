@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from helpers import child_env
 
@@ -27,10 +28,13 @@ def _same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, one_thread):
+@pytest.mark.parametrize("augment", [0.0, 0.3])
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, one_thread, augment):
     """Stopped after step 4 (--stop-at) and rerun: same clip.pt, bit for bit, and the same logged losses as
-    a run of 10 steps in one go; the step-4 weights differ (the rerun did train)."""
-    cfg = load_config("tiny", overrides=["clip.steps=10", "clip.save_every=3", "clip.log_every=2"])
+    a run of 10 steps in one go; the step-4 weights differ (the rerun did train). With clip.augment the
+    zoom and shift draws resume too."""
+    sets = ["clip.steps=10", "clip.save_every=3", "clip.log_every=2", f"clip.augment={augment}"]
+    cfg = load_config("tiny", overrides=sets)
     whole = train_clip(cfg, tmp_path / "whole", progress=False)
     part = train_clip(cfg, tmp_path / "cut", progress=False, stop_at=4)
     assert part["step"] == 4
