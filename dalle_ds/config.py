@@ -628,8 +628,9 @@ def preset_real256_gpu() -> ExperimentConfig:
     """Real captioned pictures at 256 px on one GPU: the paper's 32x32 grid of 8x8 px tokens, a 24-layer prior.
 
     Not trained here (no GPU on these machines): sizes follow real32 scaled towards the paper (codebook 8192,
-    text 64 tokens of 16384) and the step counts take about 7 hours on one H100 by the FLOP estimate in the
-    README's preset table. Pair it with ds_configs/gpu_zero2_bf16.json (batch and precision live there).
+    text 64 tokens of 16384); at ds_configs/gpu_zero2_bf16.json's batch of 8 (pair it with that file: batch and
+    precision live there) its step counts take about 1.6 hours on one H100 by the README's preset cost table, a
+    FLOP count at an assumed 40 % utilisation (`dalle-ds bench steps --preset real256_gpu`).
     data.path defaults to `make realdata-prepare REAL_SIZE=256`'s folder, but the emoji sources are 64 px
     (upscaled): point it at your own larger pictures."""
     cfg = _real(32)

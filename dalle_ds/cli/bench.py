@@ -1,6 +1,7 @@
 """`dalle-ds bench`: benchmarks that print a table and write JSON.
 
 dalle-ds bench attention [--device cuda] [--json FILE]   masked attention per layout and backend
+dalle-ds bench steps [--preset P ...] [--json FILE]      FLOPs, CPU ms and estimated GPU ms of a training step
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import torch
 
+from dalle_ds import bench_steps
 from dalle_ds.attention.bench import BACKENDS, LAYOUTS, bench_attention, format_table
 from dalle_ds.cli.common import run_command
+from dalle_ds.config import PRESETS
 
 
 def attention_main(argv: list[str]) -> None:
@@ -59,7 +62,41 @@ def attention_main(argv: list[str]) -> None:
         print(f"wrote {path}")
 
 
-SUBCOMMANDS = {"attention": attention_main}
+def steps_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(
+        prog="dalle-ds bench steps",
+        description="FLOPs, CPU ms (measured) and GPU ms (estimated) of one training step per preset "
+        "(see dalle_ds/bench_steps.py).",
+    )
+    p.add_argument("--preset", nargs="+", default=None, choices=list(PRESETS), help="default: every preset")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for the timed steps (default 1)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--cpu-max-gflop",
+        type=float,
+        default=bench_steps.CPU_TIMING_MAX_FLOPS / 1e9,
+        help="time a model on CPU only when its step costs at most this (default %(default)g)",
+    )
+    p.add_argument("--no-cpu", action="store_true", help="count FLOPs only, time nothing")
+    args = p.parse_args(argv)
+    if args.threads < 1 or args.repeats < 1 or args.warmup < 0:
+        p.error("--threads and --repeats must be >= 1, --warmup >= 0")
+    result = bench_steps.bench_steps(
+        args.preset,
+        time_cpu=not args.no_cpu,
+        threads=args.threads,
+        max_cpu_flops=args.cpu_max_gflop * 1e9,
+        warmup=args.warmup,
+        repeats=args.repeats,
+    )
+    print(bench_steps.format_table(result))
+    if args.json:
+        print(f"wrote {bench_steps.write_json(result, args.json)}")
+
+
+SUBCOMMANDS = {"attention": attention_main, "steps": steps_main}
 
 
 def main(argv: list[str] | None = None) -> None:

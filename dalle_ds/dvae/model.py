@@ -40,7 +40,8 @@ class Conv2d(nn.Module):
         # x: (B, n_in, h, w) -> (B, n_out, h, w)
         if self.fp32:
             x, w, b = x.float(), self.w.float(), self.b.float()
-            if torch.is_autocast_enabled(x.device.type):
+            # (meta tensors have no autocast: asking raises; bench_steps counts FLOPs on meta)
+            if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
                 with torch.autocast(x.device.type, enabled=False):
                     return F.conv2d(x, w, b, padding=self.padding)
             return F.conv2d(x, w, b, padding=self.padding)
@@ -221,7 +222,9 @@ class DVAE(nn.Module):
         with torch.no_grad():
             recon = unmap_pixels(mean)  # (B, C, H, W) in [0, 1]
             codes = logits.argmax(dim=1)  # (B, G, G)
-            used = torch.bincount(codes.flatten(), minlength=self.cfg.vocab_size).gt(0).sum()
+            # distinct codes; not bincount, which has no meta kernel (bench_steps counts FLOPs on meta)
+            seen = torch.zeros(self.cfg.vocab_size, dtype=torch.bool, device=codes.device)
+            used = seen.index_fill_(0, codes.flatten(), True).sum()
             stats = {
                 "loss": loss.detach(),
                 "nll": nll_sum.mean() / n_sub,
