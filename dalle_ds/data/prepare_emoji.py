@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import unicodedata
 from pathlib import Path
 
 from PIL import Image
@@ -46,8 +47,11 @@ _NO_ARTICLE = {"foggy", "cooking", "bowling", "camping", "money with wings", "te
 
 
 def caption_for(name: str) -> str:
-    """A CLDR emoji name ("red apple", "grapes") -> a caption ("a red apple", "grapes")."""
-    name = " ".join(name.replace("_", " ").replace("\u2019", "'").lower().split())
+    """A CLDR emoji name ("red apple", "grapes", "piñata") -> a caption ("a red apple", "grapes", "a pinata").
+    Accents are folded: the English caption filter drops words outside ASCII, and with them the picture."""
+    name = unicodedata.normalize("NFKD", name.replace("\u2019", "'"))
+    name = "".join(c for c in name if not unicodedata.combining(c))
+    name = " ".join(name.replace("_", " ").lower().split())
     if name in _NO_ARTICLE:
         return name
     head = name

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dalle_ds.data.filters import is_english
 from dalle_ds.data.prepare_emoji import caption_for, prepare, split_key
 
 pytest.importorskip("emoji")  # the CLDR names (requirements.txt)
@@ -73,11 +74,15 @@ def test_prepare_writes_pairs_on_white_with_cldr_captions(tmp_path):
         ("night with stars", "a night with stars"),
         ("woman\u2019s clothes", "woman's clothes"),
         ("tennis", "tennis"),
+        ("pi\u00f1ata", "a pinata"),
+        ("Cura\u00e7ao flag", "a curacao flag"),
     ],
 )
 def test_caption_articles(name, caption):
-    """An article for singular names, none for plurals and mass nouns; typographic apostrophes made ASCII."""
+    """An article for singular names, none for plurals and mass nouns; typographic apostrophes and accented
+    letters made ASCII, so the English caption filter keeps the picture."""
     assert caption_for(name) == caption
+    assert is_english(caption)
 
 
 def _other_style_in_train(sort_key, n_held=100) -> float:
