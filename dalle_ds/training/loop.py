@@ -15,7 +15,7 @@ import torch
 from dalle_ds.data.order import DataOrder
 from dalle_ds.errors import ConfigError
 from dalle_ds.training import checkpoint as ckpt
-from dalle_ds.training.distributed import device, is_main, mean_across_ranks, rank, world_size
+from dalle_ds.training.distributed import device, is_main, mean_across_ranks, rank, shutdown_distributed, world_size
 from dalle_ds.training.ema import EMA
 from dalle_ds.training.engine import global_batch, grad_accum, micro_batch
 from dalle_ds.training.launcher_watch import runner_gone_check
@@ -35,6 +35,7 @@ def exit_if_interrupted(summary: dict, name: str) -> None:
     if summary.get("interrupted"):
         if is_main():
             print(f"{name}: SIGTERM, checkpoint saved at step {summary['step']}; rerun the same command to resume")
+        shutdown_distributed()  # every rank saved together, so all are here; a live gloo group can abort the exit
         sys.exit(SIGTERM_EXIT)
 
 
