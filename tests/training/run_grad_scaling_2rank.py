@@ -48,6 +48,6 @@ res.update(
 with open(f"{out}/rank{rank}.json", "w") as f:
     json.dump(res, f)
 
-from dalle_ds.training.distributed import shutdown_distributed  # noqa: E402
+from dalle_ds.training.distributed import end_process_distributed  # noqa: E402
 
-shutdown_distributed()  # a live gloo group at exit aborts a rank now and then
+end_process_distributed()  # a live gloo group at exit aborts a rank now and then

@@ -39,6 +39,6 @@ for kind in kinds.split(","):
                 f,
             )
 
-from dalle_ds.training.distributed import shutdown_distributed  # noqa: E402
+from dalle_ds.training.distributed import end_process_distributed  # noqa: E402
 
-shutdown_distributed()  # a live gloo group at exit aborts a rank now and then
+end_process_distributed()  # a live gloo group at exit aborts a rank now and then

@@ -72,6 +72,6 @@ for name in damages:
 if is_main():
     (out / "result.json").write_text(json.dumps(result))
 
-from dalle_ds.training.distributed import shutdown_distributed  # noqa: E402
+from dalle_ds.training.distributed import end_process_distributed  # noqa: E402
 
-shutdown_distributed()  # a live gloo group at exit aborts a rank now and then
+end_process_distributed()  # a live gloo group at exit aborts a rank now and then

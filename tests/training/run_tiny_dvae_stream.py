@@ -25,6 +25,6 @@ if is_main():
     with open(f"{out}/summary.json", "w") as f:
         json.dump({"losses": [h["loss"] for h in summary["history"]], "data_report": summary["data_report"]}, f)
 
-from dalle_ds.training.distributed import shutdown_distributed  # noqa: E402
+from dalle_ds.training.distributed import end_process_distributed  # noqa: E402
 
-shutdown_distributed()  # a live gloo group at exit aborts a rank now and then
+end_process_distributed()  # a live gloo group at exit aborts a rank now and then
