@@ -52,7 +52,10 @@ def retrieval_by_group(reranker, images: np.ndarray, captions: list[str], seen: 
     emoji set a seen caption is the same object in the other style: the prior may have learned it; an
     unseen one it can only compose from words."""
     hits = caption_retrieval_hits(reranker, images, captions, k, seed).numpy()
-    part = lambda m: round(float(hits[m].mean()), 4) if m.any() else None  # noqa: E731
+
+    def part(m: np.ndarray) -> float | None:
+        return round(float(hits[m].mean()), 4) if m.any() else None
+
     return round(float(hits.mean()), 4), part(seen), part(~seen)
 
 
@@ -167,8 +170,8 @@ def run_real(
 
     t = time.perf_counter()
     k, seed = CANDIDATE_CAPTIONS, cfg.sample.seed
-    in_train = train_captions(out / "tokens")
-    seen = np.array([c in in_train for c in captions])
+    train_caps = train_captions(out / "tokens")
+    seen = np.array([c in train_caps for c in captions])
     metrics = {"retrieval_candidates": k, "chance_retrieval_top1": 1 / k, "heldout_images": len(real)}
     metrics["heldout_caption_in_train"] = int(seen.sum())
     groups = {"real": real} | {f"{tag}generated": generated[tag] for tag in runs}  # real, generated, shuffled_...

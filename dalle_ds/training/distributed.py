@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import torch
 
@@ -48,9 +49,6 @@ def end_process_distributed() -> None:
     """For scripts whose work is done and written: leave the process group, flush, and end the process without
     the interpreter's teardown, where a gloo thread still joinable aborted a finished rank now and then even
     after destroy_process_group (CI, two-rank ZeRO-3 runs under load)."""
-    import os  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-
     shutdown_distributed()
     sys.stdout.flush()
     sys.stderr.flush()
