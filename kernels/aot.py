@@ -6,7 +6,8 @@
     python -m dalle_ds.kernels.aot [--targets 90,80] [--dtypes fp16,bf16] [--json]
 
 `compile_all` compiles the forward, dK/dV and dQ kernels of `block_sparse_attention` with `triton.compile`
-for each compute capability (90: H100/H200, 80: A100) and input dtype, all the way to a cubin: Triton
+for each compute capability (90: H100/H200, 80: A100) and input dtype ("fp16", "bf16", "fp32" with IEEE
+dots, "tf32": fp32 inputs with TF32 dots, see `dot_precision`), all the way to a cubin: Triton
 ships its own `ptxas` (triton/backends/nvidia/bin), so no CUDA toolkit or GPU is needed. A compile error
 raises. Each row says what ptxas allocated, for a benchmark to record in its JSON:
 
@@ -40,7 +41,7 @@ _STRIDE = re.compile(r"^s[a-z]+[zhm]$")  # sqz, skm, sdoh, ...: multiples of 16 
 
 
 def signature(fn, dtype: str) -> tuple[dict, dict]:
-    """Triton types of `fn`'s arguments for `dtype` inputs ("fp16", "bf16", "fp32"): pointers are
+    """Triton types of `fn`'s arguments for `dtype` inputs ("fp16", "bf16", "fp32", "tf32"): pointers are
     `*<type>`, strides and sizes i32, scales fp32, constexprs "constexpr"; and the divisibility-by-16
     hints (pointers and strides) as ASTSource attrs."""
     sig, attrs = {}, {}
@@ -49,7 +50,7 @@ def signature(fn, dtype: str) -> tuple[dict, dict]:
         if p.is_constexpr:
             sig[name] = "constexpr"
         elif name in _FLOAT_TENSORS:
-            sig[name] = f"*{dtype}"
+            sig[name] = "*fp32" if dtype == "tf32" else f"*{dtype}"
         elif name in _FP32_TENSORS:
             sig[name] = "*fp32"
         elif name == "TILE_MASKS":
@@ -87,7 +88,7 @@ def compile_kernel(fn, kernel: str, arch: int, dtype: str, config: dict = CONFIG
         LB_N=config["LB_N"],
         D=D,
         BLOCK_D=max(16, 1 << (D - 1).bit_length()),
-        PRECISION="ieee" if dtype == "fp32" else "tf32",
+        PRECISION="ieee" if dtype == "fp32" else "tf32",  # 16-bit dots ignore it
         SPLIT_M=config["SPLIT_M"],
         SPLIT_N=config["SPLIT_N"],
     )

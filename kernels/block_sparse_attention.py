@@ -13,11 +13,11 @@ without any mask; padded keys (lengths that are not block multiples) only ever s
 
 A kernel tile is the layout block or half of it along either axis, chosen by the autotuner per layout
 (see "Autotuning" below). The kernels share their prologue, tile loads, tile-mask loads, online-softmax
-step and dS as `@triton.jit` helpers. Inputs fp16, bf16 or fp32 (fp32 dots use IEEE precision, not
-TF32), used through their strides (a contiguous copy only when the last dimension is strided);
-accumulation is fp32. Launches that would overflow a grid axis or an int32 offset raise ValueError
-first (`_check_limits`). `kernels/aot.py` compiles the kernels ahead of time for given GPU
-architectures without a GPU.
+step and dS as `@triton.jit` helpers. Inputs fp16, bf16 or fp32 (fp32 dots in TF32 where torch's own
+fp32 matmuls may use it, else IEEE: `dot_precision`), used through their strides (a contiguous copy only
+when the last dimension is strided); accumulation is fp32. Launches that would overflow a grid axis or an
+int32 offset raise ValueError first (`_check_limits`). `kernels/aot.py` compiles the kernels ahead of time
+for given GPU architectures without a GPU.
 
 Triton is imported lazily, at the first call, so `TRITON_INTERPRET=1` may be set by a test module
 before the kernels are defined. Under the interpreter, `@triton.autotune` gets a single config (it
@@ -590,8 +590,18 @@ def _meta(q: torch.Tensor, lay: BlockLayout) -> dict:
         LB_N=lay.block_k,
         D=D,
         BLOCK_D=max(16, 1 << (D - 1).bit_length()),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION=dot_precision(q.dtype),
     )
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot`'s input_precision for `dtype` inputs. 16-bit inputs run on tensor cores whatever it says.
+    fp32 inputs take TF32 (tensor cores, 10-bit mantissa) where torch's fp32 matmuls may:
+    `torch.get_float32_matmul_precision()` is "high" or "medium", as `training/precision.configure_matmul`
+    sets it for an fp32 config on sm80+ with allow_tf32; otherwise, and in the interpreter, IEEE fp32."""
+    if dtype == torch.float32 and (interpreting() or torch.get_float32_matmul_precision() == "highest"):
+        return "ieee"
+    return "tf32"
 
 
 def _launch(which: int, n_blocks: int, split_name: str, B: int, H: int, args: tuple, meta: dict, tiles) -> None:

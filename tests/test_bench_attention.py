@@ -5,6 +5,7 @@ bench_results/attention_<device>.json. The two small unmarked tests keep the CLI
 mask honest in the default run.
 """
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -71,6 +72,26 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys):
     for r in data["rows"]:
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["max_abs_diff_vs_dense"] < 1e-5
     assert "column_t" in text and "x dense" in text
+    assert data["kernel_compile"] is None  # triton not asked for: nothing compiled
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_json_records_the_triton_kernels_registers_and_spills(tmp_path, capsys):
+    """With triton among the backends the JSON carries ptxas's registers and spills per kernel: on a CPU
+    (no timing of triton, it says why) for sm90 and sm80 in bf16, the GPU default."""
+    out = tmp_path / "a.json"
+    argv = ["attention", "--text-len", "5", "--grid", "4", "--heads", "1", "--head-dim", "16"]
+    argv += ["--warmup", "0", "--repeats", "1", "--layouts", "row", "--backends", "triton", "--json", str(out)]
+    bench_cli.main(argv)
+    text = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert [r["backend"] for r in data["rows"]] == ["triton"] and "GPU" in data["rows"][0]["skipped"]
+    compiled = data["kernel_compile"]
+    assert compiled["targets"] == [90, 80] and compiled["dtype"] == "bf16"
+    got = {(r["kernel"], r["arch"]) for r in compiled["rows"]}
+    assert got == {(k, a) for k in ("forward", "backward_dkdv", "backward_dq") for a in ("sm90", "sm80")}
+    assert all(0 < r["n_regs"] <= 255 and r["n_spills"] >= 0 and r["dtype"] == "bf16" for r in compiled["rows"])
+    assert "Triton kernels as compiled" in text and "backward_dkdv" in text
 
 
 @pytest.mark.parametrize("layout", ["row", "column_t", "conv"])

@@ -20,10 +20,16 @@ speed-up a block-sparse kernel would reach if each computed 32 x 32 tile cost wh
 i.e. tile_density_32(causal) / tile_density_32(layout) (conv at the paper shape: 51.2% / 30.9% = 1.66x),
 and the fraction of that limit reached ("% lim"). The sparse path may use other tiles (its note says which);
 the limit stays defined on 32 x 32 tiles.
+
+Where triton is among the backends, `kernel_compile` records what ptxas allocated for each Triton kernel
+(registers, spills, shared memory; `kernels/aot.py`, no GPU needed): on a GPU for its own architecture in the
+benchmark's dtype, on a CPU for sm90 and sm80 in bf16 (the GPU default).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
 import platform
 import statistics
@@ -38,6 +44,8 @@ from dalle_ds.attention import masks, sparse
 from dalle_ds.attention import triton_kernels as bsa
 from dalle_ds.attention.layout import block_layout, layout_on, run_in_layout_order
 from dalle_ds.attention.masks import MaskSpec, dense_mask
+
+aot = None if bsa is None else importlib.import_module("dalle_ds.kernels.aot")  # imports triton only when used
 
 LAYOUTS = {  # name -> (mask kind, run in column-major order)
     "row": ("row", False),
@@ -254,7 +262,30 @@ def bench_attention(
         "repeats": repeats,
         "flops_note": "TFLOP/s count only allowed (query, key) pairs: fwd 4*B*H*D*pairs, fwd+bwd 3.5x that",
         "rows": rows,
+        "kernel_compile": kernel_compile_report(dev, dt) if "triton" in backends else None,
     }
+
+
+def kernel_compile_report(dev: torch.device, dt: torch.dtype) -> dict:
+    """{"targets", "dtype", "rows": kernels/aot.py rows} for the kernels this benchmark times (module
+    docstring), or {"skipped": why} / {"error": the compile error}."""
+    if bsa is None:
+        return {"skipped": "dalle_ds.kernels cannot be imported (pip install -e .)"}
+    if importlib.util.find_spec("triton") is None:
+        return {"skipped": "the triton package is not installed"}
+    if dev.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(dev)
+        targets = (major * 10 + minor,)
+        name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dt) or (
+            "tf32" if bsa.dot_precision(dt) == "tf32" else "fp32"
+        )
+    else:
+        targets, name = (90, 80), "bf16"
+    try:
+        rows = aot.compile_all(targets, (name,))
+    except Exception as e:  # a compile error is recorded; the timings above still get written
+        return {"targets": targets, "dtype": name, "error": f"{type(e).__name__}: {e}"}
+    return {"targets": targets, "dtype": name, "rows": rows}
 
 
 def format_table(result: dict) -> str:
@@ -287,4 +318,8 @@ def format_table(result: dict) -> str:
             f"{r.get('density_limit_vs_sdpa_causal', math.nan):6.2f} {r.get('fraction_of_limit_fwd', math.nan):6.0%} "
             f"{r.get('fraction_of_limit_fwd_bwd', math.nan):6.0%} {'' if diff is None else f'{diff:10.1e}'}"
         )
+    compiled = result.get("kernel_compile")
+    if compiled:
+        lines.append("Triton kernels as compiled (kernels/aot.py):")
+        lines.append(aot.format_table(compiled["rows"]) if "rows" in compiled else str(compiled))
     return "\n".join(lines)

@@ -11,7 +11,8 @@ The supported matrix (README "Supported hardware"):
 Each rule is a pure function of (has_cuda, capability) so it is tested without a GPU; `device_capability()`
 reads them from the machine. fp32 on a GPU runs its matmuls in TF32 when `allow_tf32` (the training
 configs' switch, default on): `torch.set_float32_matmul_precision("high")`, which Ampere and later execute on
-tensor cores at about 8x fp32's rate with a 10-bit mantissa; the Triton kernels keep IEEE fp32 dots.
+tensor cores at about 8x fp32's rate with a 10-bit mantissa; the Triton kernels follow the same setting
+(`kernels/block_sparse_attention.dot_precision`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of the Triton kernels (kernels/aot.py) for sm90 and sm80, fp16 and bf16, on a
+"""Ahead-of-time compilation of the Triton kernels (kernels/aot.py) for sm90 and sm80, fp16, bf16 and tf32, on a
 machine without a GPU: Triton's own ptxas turns each kernel into a cubin, so a kernel that does not compile
 for a real GPU fails here, in the default CPU run, and not only on a GPU machine. About 20 s (in a test run
 that interprets, the compilation runs in a child process).
@@ -18,7 +18,7 @@ from dalle_ds.kernels import aot
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 TARGETS = (90, 80)
-DTYPES = ("fp16", "bf16")
+DTYPES = ("fp16", "bf16", "tf32")  # tf32: fp32 inputs with TF32 dots (an fp32 config with allow_tf32)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,8 @@ def rows():
     return rows
 
 
-def test_every_kernel_compiles_for_sm90_and_sm80_in_fp16_and_bf16(rows):
-    """Forward, dK/dV and dQ each compile to a cubin for both architectures and both half types."""
+def test_every_kernel_compiles_for_sm90_and_sm80_in_fp16_bf16_and_tf32(rows):
+    """Forward, dK/dV and dQ each compile to a cubin for both architectures and every input type."""
     got = {(r["kernel"], r["arch"], r["dtype"]) for r in rows}
     assert got == {(k, f"sm{a}", d) for k in aot.KERNELS for a in TARGETS for d in DTYPES}
     assert len(rows) == len(got)

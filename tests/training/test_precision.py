@@ -99,3 +99,28 @@ def test_train_commands_default_to_the_device_config():
     assert got.endswith(default_ds_config(*device_capability()))
     if not torch.cuda.is_available():
         assert got.endswith("cpu_zero0_fp32.json")
+
+
+def test_triton_dots_follow_torch_fp32_matmul_precision(monkeypatch):
+    """The Triton kernels' tl.dot precision: fp32 inputs take TF32 exactly where torch's fp32 matmuls may
+    (what configure_matmul sets for allow_tf32 on sm80+), IEEE under "highest" and in the interpreter;
+    16-bit inputs always take the tensor-core path."""
+    from dalle_ds.kernels.block_sparse_attention import dot_precision
+
+    before = torch.get_float32_matmul_precision()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    try:
+        got = {}
+        for setting in ("highest", "high", "medium"):
+            torch.set_float32_matmul_precision(setting)
+            got[setting] = [dot_precision(dt) for dt in (torch.float32, torch.bfloat16, torch.float16)]
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        interp = dot_precision(torch.float32)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert got == {
+        "highest": ["ieee", "tf32", "tf32"],
+        "high": ["tf32", "tf32", "tf32"],
+        "medium": ["tf32", "tf32", "tf32"],
+    }
+    assert interp == "ieee"
