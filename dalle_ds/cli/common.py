@@ -15,6 +15,7 @@ from pathlib import Path
 from dalle_ds.config import ExperimentConfig, load_config
 from dalle_ds.errors import ConfigError, RunFailed
 from dalle_ds.resources import DS_CONFIGS
+from dalle_ds.sampling.placement import DTYPES
 from dalle_ds.training.engine import load_ds_config
 from dalle_ds.training.launcher import check_launcher_hostfile
 from dalle_ds.training.precision import default_ds_config, device_capability
@@ -34,6 +35,17 @@ class _PrintConfig(argparse.Action):
         setattr(namespace, self.dest, True)
         for action in parser._actions:  # argparse checks `required` only after every argument is read
             action.required = False
+
+
+def add_placement_args(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype of the commands that sample (dalle_ds/sampling/placement.py)."""
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU if visible, else cpu) | cpu | cuda[:N]")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *DTYPES],
+        help="the prior's weights when sampling: auto = bf16 on sm80+, fp16 on a V100, fp32 on CPU",
+    )
 
 
 def add_config_args(p: argparse.ArgumentParser, *, ds_default: str | None = None) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from dalle_ds.cli.common import existing_path, run_command
+from dalle_ds.cli.common import add_placement_args, existing_path, run_command
 from dalle_ds.config import ConfigError
 from dalle_ds.eval.fid import BLUR_RADII
 from dalle_ds.eval.run import evaluate
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=256, help="folder mode: images are centre-cropped and resized to this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for eval.json and fid_blur.png")
+    add_placement_args(p)
     args = p.parse_args(argv)
     if not (args.real_dir or args.fake_dir) and not (args.prior and args.dvae):
         p.error("give --prior and --dvae, or --real-dir and --fake-dir")
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
         size=args.size,
         seed=args.seed,
         progress=True,
+        device=args.device,
+        dtype=args.dtype,
     )
     print(json.dumps(r))
 

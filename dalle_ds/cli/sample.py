@@ -2,6 +2,9 @@
 
     dalle-ds sample --prior runs/prior/prior.pt --dvae runs/dvae/dvae.pt \
         --caption "a small red triangle at the top left" --n 8 --out samples.png
+
+On a GPU by default, the prior in bf16 (fp16 on a V100); --device cpu / --dtype fp32 to choose
+(dalle_ds/sampling/placement.py).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import json
 from pathlib import Path
 
 from dalle_ds.attention import backend_names
-from dalle_ds.cli.common import argument, existing_path, read_text_lines, run_command
+from dalle_ds.cli.common import add_placement_args, argument, existing_path, read_text_lines, run_command
 from dalle_ds.config import ConfigError, ExperimentConfig, SampleConfig
 from dalle_ds.data.decode import BadInput
 from dalle_ds.dvae.io import load_dvae
@@ -19,6 +22,7 @@ from dalle_ds.prior.io import WEIGHTS, is_export, load_prior
 from dalle_ds.rerank.rerankers import load_reranker, rerank
 from dalle_ds.sampling.generate import generate
 from dalle_ds.sampling.grid import save_grid
+from dalle_ds.sampling.placement import place_for_sampling
 from dalle_ds.sampling.prime import load_image, prime_tokens
 
 
@@ -59,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
     p.add_argument("--backend", default=None, help="attention backend for sampling (dense | sparse | triton)")
+    add_placement_args(p)
     p.add_argument("--out", default="samples.png", help="PNG grid to write")
     p.add_argument("--prime-image", default=None, help="image-to-image: prime with the top rows of this image")
     p.add_argument(
@@ -111,7 +116,7 @@ def prime_from_args(args: argparse.Namespace, cfg: ExperimentConfig, dvae):
     return prime_tokens(dvae, image, rows)
 
 
-def reranker_from_args(p: argparse.ArgumentParser, args: argparse.Namespace, scfg: SampleConfig):
+def reranker_from_args(p: argparse.ArgumentParser, args: argparse.Namespace, scfg: SampleConfig, device):
     """The reranker --candidates asks for (then --candidates samples are drawn per caption), or None."""
     if args.candidates is None:
         return None
@@ -120,7 +125,7 @@ def reranker_from_args(p: argparse.ArgumentParser, args: argparse.Namespace, scf
     if (args.clip is None) == (args.open_clip is None):
         p.error("--candidates needs exactly one reranker: --clip FILE or --open-clip ARCH:CHECKPOINT")
     with argument("--clip" if args.clip is not None else "--open-clip"):
-        reranker = load_reranker(clip=args.clip, open_clip=args.open_clip)
+        reranker = load_reranker(clip=args.clip, open_clip=args.open_clip, device=device)
     scfg.num_per_caption = args.candidates
     return reranker
 
@@ -136,9 +141,10 @@ def main(argv: list[str] | None = None) -> None:
         prior, tok, cfg = load_prior(args.prior, backend=args.backend)
     with argument("--dvae"):
         dvae, _ = load_dvae(args.dvae, cfg)
+    device, _ = place_for_sampling(prior, dvae, args.device, args.dtype)
     scfg = sample_config(cfg, args)
     prime = prime_from_args(args, cfg, dvae)
-    reranker = reranker_from_args(p, args, scfg)
+    reranker = reranker_from_args(p, args, scfg, device)
     images = generate(prior, tok, dvae, captions, scfg, prime=prime)
     info = {}
     if reranker is not None:

@@ -25,11 +25,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of training one")
     p.add_argument("--no-resume", action="store_true", help="start over even if out/clip_ckpt/ holds a checkpoint")
     p.add_argument("--stop-at", type=int, default=None, help="end after this step (a rerun with more continues)")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU if visible; bf16 on sm80+) | cpu | cuda[:N]")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     if args.tokenizer is not None:
         existing_path(args.tokenizer, "--tokenizer")
-    s = train_clip(cfg, args.out, tokenizer_path=args.tokenizer, resume=not args.no_resume, stop_at=args.stop_at)
+    s = train_clip(
+        cfg,
+        args.out,
+        tokenizer_path=args.tokenizer,
+        resume=not args.no_resume,
+        stop_at=args.stop_at,
+        device=args.device,
+    )
     if s.get("interrupted"):  # SIGTERM or Ctrl-C: the checkpoint is saved, clip.pt is not written
         name = signal.Signals(s["interrupted"]).name
         print(

@@ -24,6 +24,7 @@ from dalle_ds.eval.fid import BLUR_RADII, InceptionFeatures, fid, plot_fid
 from dalle_ds.prior.io import load_prior
 from dalle_ds.rerank.rerankers import load_reranker, rerank
 from dalle_ds.sampling.generate import generate
+from dalle_ds.sampling.placement import place_for_sampling
 from dalle_ds.sampling.prime import load_image
 
 
@@ -65,10 +66,21 @@ def composition_with_rerank(
     return out
 
 
-def model_images(prior_path: str | Path, dvae_path: str | Path, *, n: int, seed: int, progress: bool = False):
-    """The first n validation pairs' images and one sample for each caption: (real, fake, captions, models)."""
+def model_images(
+    prior_path: str | Path,
+    dvae_path: str | Path,
+    *,
+    n: int,
+    seed: int,
+    progress: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
+):
+    """The first n validation pairs' images and one sample for each caption: (real, fake, captions, models).
+    The models sample on `device` with the prior in `dtype` (sampling/placement.py)."""
     prior, tok, cfg = load_prior(prior_path)
     dvae, _ = load_dvae(dvae_path, cfg)
+    place_for_sampling(prior, dvae, device, dtype)
     cfg.sample.seed = seed
     val = image_dataset(cfg.data, "val", purpose="prior")
     items = [val[i] for i in range(min(n, len(val)))]
@@ -95,10 +107,13 @@ def evaluate(
     size: int = 256,
     seed: int = 0,
     progress: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> dict:
     """FID (and, for a model, contrastive score and shapes composition) -> out/eval.json, out/fid_blur.png.
     Either `prior` and `dvae` (a trained model), or `real_dir` and `fake_dir` (two folders of images).
-    `progress` shows bars (stderr) for the sampling and the Inception features, the slow parts."""
+    `progress` shows bars (stderr) for the sampling and the Inception features, the slow parts. A model
+    samples and reranks on `device`, the prior's weights in `dtype` (sampling/placement.py)."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict = {"radii": list(radii)}
@@ -109,10 +124,12 @@ def evaluate(
             raise ValueError("give both --real-dir and --fake-dir")
         real, fake = load_folder(real_dir, size), load_folder(fake_dir, size)
     else:
-        real, fake, captions, (prior_m, tok, dvae_m, cfg) = model_images(prior, dvae, n=n, seed=seed, progress=progress)
+        real, fake, captions, (prior_m, tok, dvae_m, cfg) = model_images(
+            prior, dvae, n=n, seed=seed, progress=progress, device=device, dtype=dtype
+        )
         reranker = None
         if clip:
-            reranker = load_reranker(clip=clip)
+            reranker = load_reranker(clip=clip, device=next(prior_m.parameters()).device)
             result["mean_contrastive_score"] = float(reranker.score(fake, captions).mean())
             result["mean_contrastive_score_real"] = float(reranker.score(real, captions).mean())
         if cfg.data.dataset == "shapes" and heldout > 0:

@@ -41,19 +41,20 @@ def _as_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 class ContrastiveReranker:
-    def __init__(self, model, tok, image_size: int, batch: int = 256):
-        self.model, self.tok, self.image_size, self.batch = model.eval(), tok, image_size, batch
+    def __init__(self, model, tok, image_size: int, device: str | torch.device = "cpu", batch: int = 256):
+        self.model, self.tok, self.image_size, self.batch = model.eval().to(device), tok, image_size, batch
+        self.device = device
 
     @torch.no_grad()
     def score(self, images, captions) -> torch.Tensor:
         out = []
         for s in range(0, len(captions), self.batch):
-            x = _as_float(images[s : s + self.batch])
+            x = _as_float(images[s : s + self.batch]).to(self.device)
             if x.shape[-1] != self.image_size:
                 x = F.interpolate(x, size=(self.image_size, self.image_size), mode="area")
             zi = self.model.encode_image(x)
-            zt = self.model.encode_text(self.tok.encode_batch(list(captions[s : s + self.batch]), train=False))
-            out.append((zi * zt).sum(-1))
+            ids = self.tok.encode_batch(list(captions[s : s + self.batch]), train=False).to(self.device)
+            out.append((zi * self.model.encode_text(ids)).sum(-1).cpu())
         return torch.cat(out)
 
 
@@ -61,7 +62,7 @@ class OpenClipReranker:
     """An open_clip CLIP model from local files, run by dalle_ds's own torch port (open_clip_model.py):
     open_clip cannot be imported beside this project's torch (see open_clip_config.py)."""
 
-    def __init__(self, arch: str, checkpoint: str, device: str = "cpu", batch: int = 64):
+    def __init__(self, arch: str, checkpoint: str, device: str | torch.device = "cpu", batch: int = 64):
 
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"--open-clip: checkpoint {checkpoint} does not exist (nothing is downloaded)")
@@ -114,11 +115,14 @@ def _open_clip_spec(spec: str) -> tuple[str, str]:
     return arch, ckpt
 
 
-def load_reranker(*, clip: str | None = None, open_clip: str | None = None) -> Reranker:
+def load_reranker(
+    *, clip: str | None = None, open_clip: str | None = None, device: str | torch.device = "cpu"
+) -> Reranker:
+    """The reranker of --clip FILE or --open-clip SPEC, in fp32 on `device`."""
     if clip is not None:
         model, tok, cfg = load_clip(clip)
-        return ContrastiveReranker(model, tok, cfg.data.image_size)
-    return OpenClipReranker(*_open_clip_spec(open_clip or ""))
+        return ContrastiveReranker(model, tok, cfg.data.image_size, device)
+    return OpenClipReranker(*_open_clip_spec(open_clip or ""), device=device)
 
 
 def rerank(

@@ -8,8 +8,10 @@ With clip.hard_negatives > 0, that fraction of each batch comes in pairs of item
 in one word ("a small red square at the top" / "a small red circle at the top"): a reranker compares
 candidates for one caption, and random in-batch negatives rarely teach such fine differences.
 Writes out/clip.pt (config + weights + tokenizer) and out/clip_metrics.json. One process, plain PyTorch:
-the model is small. A progress bar shows the loss; checkpoints in out/clip_ckpt/ make a stopped run resume
-exactly (rerank/resume.py).
+the model is small. On a GPU (device "auto" finds one) the steps run under bf16 autocast on sm80+ and in
+fp32 below (fp16 would need a loss scaler, whose state the checkpoint does not keep; the model is small).
+A progress bar shows the loss; checkpoints in out/clip_ckpt/ make a stopped run resume exactly
+(rerank/resume.py).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from dalle_ds.rerank import resume as resume_io
 from dalle_ds.rerank.augment import random_zoom_shift
 from dalle_ds.rerank.contrastive import ContrastiveModel
 from dalle_ds.rerank.io import save_clip
+from dalle_ds.sampling.placement import sample_device
 from dalle_ds.tokenizer import CaptionTokenizer
+from dalle_ds.training.precision import BF16_MIN_CAPABILITY, Capability
 
 
 def _batch(ds, idx) -> tuple[torch.Tensor, list[str]]:
@@ -87,13 +91,22 @@ def draw_batch(
     return idx
 
 
+def autocast_dtype(device_type: str, capability: Capability) -> torch.dtype | None:
+    """The training steps' autocast dtype: bf16 on an sm80+ GPU, None (fp32) on the CPU and older GPUs."""
+    if device_type == "cuda" and capability is not None and tuple(capability) >= BF16_MIN_CAPABILITY:
+        return torch.bfloat16
+    return None
+
+
 @torch.no_grad()
 def retrieval_accuracy(model: ContrastiveModel, tok: CaptionTokenizer, ds, *, n: int = 256) -> float:
-    """Top-1 image->caption retrieval among n validation pairs (identical captions count as right)."""
+    """Top-1 image->caption retrieval among n validation pairs (identical captions count as right), on the
+    model's device in fp32."""
     model.eval()
+    device = next(model.parameters()).device
     x, caps = _batch(ds, range(min(n, len(ds))))
-    ids = tok.encode_batch(caps, train=False)
-    sim = model.encode_image(x) @ model.encode_text(ids).t()
+    ids = tok.encode_batch(caps, train=False).to(device)
+    sim = model.encode_image(x.to(device)) @ model.encode_text(ids).t()
     best = sim.argmax(1)
     return float(np.mean([caps[int(b)] == caps[i] for i, b in enumerate(best)]))
 
@@ -143,6 +156,7 @@ class _ClipRun:
     train_set: object
     history: list
     before: float
+    autocast: torch.dtype | None = None  # the steps' autocast dtype on a GPU (autocast_dtype)
     t0: float = field(default_factory=time.perf_counter)
 
     def seconds(self) -> float:
@@ -168,7 +182,10 @@ def _train_step(run: _ClipRun, idx: np.ndarray) -> tuple[torch.Tensor, dict]:
     run.model.train()
     x, caps = _batch(run.train_set, idx)
     x = random_zoom_shift(x, run.cfg.clip.augment, run.rng)  # training pictures only, never evaluation
-    loss, stats = run.model(x, run.tok.encode_batch(caps, train=False))
+    device = next(run.model.parameters()).device
+    ids = run.tok.encode_batch(caps, train=False).to(device)
+    with torch.autocast(device.type, dtype=run.autocast, enabled=run.autocast is not None):
+        loss, stats = run.model(x.to(device), ids)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     run.opt.step()
@@ -226,13 +243,15 @@ def train_clip(
     progress: bool = True,
     resume: bool = True,
     stop_at: int | None = None,
+    device: str = "auto",
 ) -> dict:
     """Train (resuming from out_dir/clip_ckpt/ unless resume=False), then write clip.pt and clip_metrics.json.
 
     Every clip.save_every steps, at the end and when stopped by SIGTERM or Ctrl-C, the whole training state
     goes to out_dir/clip_ckpt/checkpoint.pt (rerank/resume.py); a resumed run ends with the weights of an
     uninterrupted one. A stopped run returns {"interrupted": signal number, ...} and writes no clip.pt;
-    `stop_at` ends the run after that step like a finished one (a rerun with a larger stop_at continues)."""
+    `stop_at` ends the run after that step like a finished one (a rerun with a larger stop_at continues).
+    `device`: "auto" (a CUDA GPU if visible), "cpu" or "cuda[:N]"."""
     c = cfg.clip
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / resume_io.CKPT_DIR
@@ -242,7 +261,8 @@ def train_clip(
     val_set = image_dataset(cfg.data, "val", purpose="prior")
     state = resume_io.load(ckpt_dir, cfg) if resume else None
     tok = _tokenizer(cfg, train_set, state, tokenizer_path)
-    model = ContrastiveModel(c, tok.vocab_size, tok.text_len)
+    dev = sample_device(device)
+    model = ContrastiveModel(c, tok.vocab_size, tok.text_len).to(dev)
     opt, sched = _optimizer(model, c)
     bs = min(c.batch_size, len(train_set))
     captions, index = _hard_negative_index(train_set, c.hard_negatives)
@@ -252,7 +272,9 @@ def train_clip(
         start, history, before = int(state["step"]), list(state["history"]), float(state["seconds"])
         print(f"clip: resuming from step {start} ({ckpt_dir})", flush=True)
     end = c.steps if stop_at is None else min(c.steps, stop_at)
-    run = _ClipRun(cfg, ckpt_dir, model, opt, sched, rng, tok, train_set, history, before)
+    cap = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
+    autocast = autocast_dtype(dev.type, cap)
+    run = _ClipRun(cfg, ckpt_dir, model, opt, sched, rng, tok, train_set, history, before, autocast)
     signum, step = _train_steps(run, start, end, bs, captions, index, progress)
     if signum is not None:  # the checkpoint of the last finished step is saved; no clip.pt
         return {"interrupted": signum, "step": step + 1, "path": None, "checkpoint": str(ckpt_dir)}

@@ -32,8 +32,8 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
 @torch.no_grad()
 def prime_tokens(dvae: torch.nn.Module, image: torch.Tensor, rows: int) -> torch.Tensor:
     """uint8 (3, H, W) -> the first `rows` rows of its argmax token grid, raster order: (rows * G,) long."""
-    dtype = next(dvae.parameters()).dtype
-    grid = dvae.encode(image[None].float().div(255.0).to(dtype))[0]  # (G, G)
+    w = next(dvae.parameters())
+    grid = dvae.encode(image[None].float().div(255.0).to(w.device, w.dtype))[0].cpu()  # (G, G)
     g = grid.shape[-1]
     if not 0 <= rows <= g:
         raise ValueError(f"--prime-rows must be in [0, {g}] for a {g}x{g} token grid, got {rows}")

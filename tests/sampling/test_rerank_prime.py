@@ -308,3 +308,24 @@ def test_eval_cli_writes_json_and_plot(tiny_models, tmp_path):
     comp = r["heldout_composition"]
     assert comp["unreranked"]["n"] == 4 and comp["reranked_top1"]["n"] == 2
     assert (tmp_path / "ev" / "fid_blur.png").stat().st_size > 500
+
+
+def test_sample_cli_bf16_prior_with_reranker_and_prime(tiny_models, tmp_path, capsys):
+    """--device cpu --dtype bf16: the prior's weights in bf16 through priming, decoding and reranking; the
+    picture grid and scores come out as in fp32. --dtype fp16 on the CPU is refused, naming the option."""
+    from PIL import Image
+
+    from dalle_ds.cli.sample import main
+    from dalle_ds.config import ConfigError
+
+    img = tmp_path / "p.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8)).save(img)
+    argv = ["--prior", tiny_models["prior"], "--dvae", tiny_models["dvae"], "--caption", "a red square"]
+    argv += ["--candidates", "3", "--keep", "2", "--clip", tiny_models["clip"], "--prime-image", str(img)]
+    argv += ["--device", "cpu", "--out", str(tmp_path / "s.png")]
+    main([*argv, "--dtype", "bf16"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["count"] == 2 and out["scores"][0] >= out["scores"][1]
+    assert Image.open(tmp_path / "s.png").size[0] > 0
+    with pytest.raises(ConfigError, match="--dtype fp16 on the CPU"):
+        main([*argv, "--dtype", "fp16"])
