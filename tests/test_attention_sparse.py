@@ -278,3 +278,15 @@ def test_auto_backend_is_sparse_on_cpu_and_default():
     assert PriorConfig().attention_backend == "auto"
     if not torch.cuda.is_available():
         assert get_backend("auto") is BACKENDS["sparse"]
+
+
+def test_auto_backend_matrix_and_a_missing_triton_on_an_sm80_gpu_is_an_error():
+    """`auto`: sparse on CPU and below sm80 (V100, T4), triton on sm80+; there, a Triton that cannot run
+    raises naming the two fixes instead of quietly running the slower path."""
+    from dalle_ds.attention import choose_auto
+
+    assert choose_auto(False, None, "no GPU") == "sparse"
+    assert choose_auto(True, (7, 0), "sm70") == choose_auto(True, (7, 5), None) == "sparse"
+    assert choose_auto(True, (8, 0), None) == choose_auto(True, (9, 0), None) == "triton"
+    with pytest.raises(ValueError, match=r"sm90.*not installed.*pip install -e \..*attention_backend=sparse"):
+        choose_auto(True, (9, 0), "the triton package is not installed")

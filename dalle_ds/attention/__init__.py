@@ -15,7 +15,6 @@ GPU or its interpreter) stays registered and says why when it is asked for.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -65,16 +64,26 @@ def backend_names() -> tuple[str, ...]:
     return ("auto", *BACKENDS)
 
 
-def auto_backend() -> str:
-    """The Triton kernels on a GPU they support (compute capability 8.0+, Triton 3.x's floor), else the
-    PyTorch `sparse` path (CPU, V100)."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
+def choose_auto(has_cuda: bool, capability: tuple[int, int] | None, triton_unavailable: str | None) -> str:
+    """What `auto` means: the Triton kernels on a GPU they support (compute capability 8.0+, Triton 3.x's
+    floor), else the PyTorch `sparse` path (CPU, V100). On such a GPU a Triton that cannot run is an error,
+    not a quiet fallback to a path several times slower: install it, or ask for `sparse` by name."""
+    if not has_cuda or capability is None or tuple(capability) < (8, 0):
         return "sparse"
-    why = _triton_unavailable()
-    if why is not None:
-        warnings.warn(f"attention backend auto: triton cannot run ({why}); using sparse", stacklevel=2)
-        return "sparse"
+    if triton_unavailable is not None:
+        raise ValueError(
+            f"attention backend auto on an sm{capability[0]}{capability[1]} GPU needs triton, which cannot run "
+            f"here: {triton_unavailable}. Install the package with its kernels (pip install -e .), or set "
+            "prior.attention_backend=sparse to run without them"
+        )
     return "triton"
+
+
+def auto_backend() -> str:
+    """`choose_auto` for this machine's GPU (see there)."""
+    if not torch.cuda.is_available():
+        return "sparse"
+    return choose_auto(True, tuple(torch.cuda.get_device_capability()), _triton_unavailable())
 
 
 def get_backend(name: str) -> AttentionFn:
