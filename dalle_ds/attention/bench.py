@@ -10,7 +10,8 @@ triton (compiled kernels: GPU only; the interpreter is for tests), flex (torch F
 BlockMask built from `masks.mask_mod`: GPU only, it has no CPU backward) and sdpa_causal (SDPA
 `is_causal=True`, FlashAttention on a GPU; it computes plain causal attention, a speed reference).
 
-Every row reports forward and forward+backward milliseconds (median of --repeats), TFLOP/s that count
+Every row reports forward and forward+backward milliseconds (median of --repeats; every pair is timed once
+per round, interleaved, so a machine that changes speed mid-run moves all of them alike), TFLOP/s that count
 only the allowed (query, key) pairs of the mask ("density-scaled": 4*B*H*D*pairs for the forward,
 3.5x that for forward+backward), and the speed-up over `dense` on the same layout. sdpa_causal's
 TFLOP/s count the causal pairs (its own dense work). The max |out - dense out| is reported too.
@@ -60,6 +61,38 @@ BACKENDS = ("dense", "sparse", "triton", "flex", "sdpa_causal")
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: list[Callable[[], None]], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Median wall time in milliseconds of each fn, timed in rounds (one call of each per round), so a
+    machine that slows down or speeds up mid-run shifts every fn alike and their ratios stay fair."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    _sync(device)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            t.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
+def _timed_fns(fn, q0, k0, v0, g0) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(forward without grad, forward + backward) of fn on its own leaf copies of q, k, v."""
+    q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+
+    def fwd():
+        with torch.no_grad():
+            fn(q, k, v)
+
+    def fwd_bwd():
+        q.grad = k.grad = v.grad = None
+        fn(q, k, v).backward(g0)
+
+    return fwd, fwd_bwd
 
 
 def time_ms(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
@@ -175,7 +208,7 @@ def bench_attention(
     q0, k0, v0, g0 = (torch.randn(batch, heads, L, head_dim, generator=gen).to(dev, dt) for _ in range(4))
     causal_pairs = L * (L + 1) // 2
 
-    rows = []
+    rows, timed = [], []  # timed: (row, fwd, fwd_bwd) of every pair that runs here
     sdpa_causal_row = None
     for name in layouts:
         kind, permuted = LAYOUTS[name]
@@ -190,31 +223,13 @@ def bench_attention(
             if fn is None:
                 rows.append({"layout": name, "backend": backend, "skipped": note})
                 continue
-            q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
-
-            def fwd():
-                with torch.no_grad():
-                    fn(q, k, v)
-
-            def fwd_bwd():
-                q.grad = k.grad = v.grad = None
-                fn(q, k, v).backward(g0)
-
             with torch.no_grad():
-                out = fn(q, k, v)
-            fwd_ms = time_ms(fwd, dev, warmup, repeats)
-            fb_ms = time_ms(fwd_bwd, dev, warmup, repeats)
-            n_pairs = causal_pairs if backend == "sdpa_causal" else pairs
-            flops = 4.0 * batch * heads * head_dim * n_pairs
+                out = fn(q0, k0, v0)
             row = {
                 "layout": "causal(is_causal)" if backend == "sdpa_causal" else name,
                 "backend": backend,
                 "note": note,
-                "fwd_ms": fwd_ms,
-                "fwd_bwd_ms": fb_ms,
-                "fwd_tflops": flops / fwd_ms / 1e9,
-                "fwd_bwd_tflops": 3.5 * flops / fb_ms / 1e9,
-                "element_density": n_pairs / (L * L),
+                "pairs": causal_pairs if backend == "sdpa_causal" else pairs,
                 "tile_density_32": (
                     block_layout(MaskSpec("causal", text_len, grid, conv_kernel), 32).density
                     if backend == "sdpa_causal"
@@ -228,13 +243,30 @@ def bench_attention(
             if backend == "sdpa_causal":
                 sdpa_causal_row = row
             rows.append(row)
-            log(f"  {row['layout']:10s} {backend:12s} fwd {fwd_ms:9.2f} ms   fwd+bwd {fb_ms:9.2f} ms")
-        dense = next((r for r in rows if r["layout"] == name and r["backend"] == "dense" and "fwd_ms" in r), None)
-        for r in rows:
-            if r["layout"] == name and "fwd_ms" in r:
-                if dense is not None:
-                    r["speedup_fwd_vs_dense"] = dense["fwd_ms"] / r["fwd_ms"]
-                    r["speedup_fwd_bwd_vs_dense"] = dense["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+            timed.append((row, *_timed_fns(fn, q0, k0, v0, g0)))
+    log(f"  timing {len(timed)} (layout, backend) pairs, interleaved: {warmup} warm-up + {repeats} rounds")
+    fwd_ms = time_interleaved([f for _, f, _ in timed], dev, warmup, repeats)
+    fb_ms = time_interleaved([fb for _, _, fb in timed], dev, warmup, repeats)
+    for (row, _, _), f, fb in zip(timed, fwd_ms, fb_ms):
+        n_pairs = row.pop("pairs")
+        flops = 4.0 * batch * heads * head_dim * n_pairs
+        row.update(
+            fwd_ms=f,
+            fwd_bwd_ms=fb,
+            fwd_tflops=flops / f / 1e9,
+            fwd_bwd_tflops=3.5 * flops / fb / 1e9,
+            element_density=n_pairs / (L * L),
+        )
+        log(f"  {row['layout']:10s} {row['backend']:12s} fwd {f:9.2f} ms   fwd+bwd {fb:9.2f} ms")
+    for r in rows:
+        if "fwd_ms" not in r or r["backend"] == "sdpa_causal":
+            continue
+        dense = next(
+            (d for d in rows if d["layout"] == r["layout"] and d["backend"] == "dense" and "fwd_ms" in d), None
+        )
+        if dense is not None:
+            r["speedup_fwd_vs_dense"] = dense["fwd_ms"] / r["fwd_ms"]
+            r["speedup_fwd_bwd_vs_dense"] = dense["fwd_bwd_ms"] / r["fwd_bwd_ms"]
     for r in rows:
         if "fwd_ms" in r and sdpa_causal_row is not None:
             r["speedup_fwd_vs_sdpa_causal"] = sdpa_causal_row["fwd_ms"] / r["fwd_ms"]

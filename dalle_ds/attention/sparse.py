@@ -358,6 +358,22 @@ def _put_rows(dst: torch.Tensor, n: int, b: int, g: Group, src: torch.Tensor, ad
         db.index_copy_(1, g.q_blocks, src)
 
 
+def _scatter_add_blocks(dst: torch.Tensor, n: int, b: int, g: Group, src: torch.Tensor) -> None:
+    """dst's key blocks += the group's gradient src (X, nG, W*b, D), slot by slot: src is read through views
+    (the fused kernel returns it transposed in memory, where flattening (nG, W) would copy it), and a window
+    sliding by step > 0 puts one slot's blocks on an evenly strided slice of dst (no index; with step 0
+    every member reads the same blocks, which index_add_ sums)."""
+    nG, W = len(g.q_blocks), g.width
+    blocks, parts = _blocks(dst, n, b), src.unflatten(2, (W, b))  # (X, n, b, D), (X, nG, W, b, D)
+    slots = g.k_blocks.view(nG, W)
+    first, step = g.slide if g.slide is not None else (0, 0)
+    for w in range(W):
+        if step > 0:  # a sliding window: member i's slot w is block first + w + i * step
+            blocks[:, first + w : first + w + (nG - 1) * step + 1 : step].add_(parts[:, :, w])
+        else:
+            blocks.index_add_(1, slots[:, w], parts[:, :, w])
+
+
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: Plan, scale: float, fused: bool | None):  # q, k, v: (X, Lp, D) / (X, Lkp, D)
@@ -391,19 +407,17 @@ class _BlockSparseAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         lay = plan.layout
         bq, bk, nq, nk = lay.block_q, lay.block_k, lay.n_q_blocks, lay.n_k_blocks
-        X, _, D = q.shape
         _, piece_backward = _pieces(q.device, ctx.fused)
         dout = dout.contiguous()
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for g in plan.groups:
-            nG = len(g.q_blocks)
             mask = None if g.mask is None else g.mask.to(q.dtype)
             rows = [_rows(t, nq, bq, g) for t in (dout, q)]
             kg, vg = _gather(k, nk, bk, g), _gather(v, nk, bk, g)
             dqg, dkg, dvg = piece_backward(*rows, kg, vg, _rows(out, nq, bq, g), _rows(lse, nq, bq, g), mask, scale)
             _put_rows(dq, nq, bq, g, dqg, add=True)
-            _blocks(dk, nk, bk).index_add_(1, g.k_blocks, dkg.reshape(X, nG * g.width, bk, D))
-            _blocks(dv, nk, bk).index_add_(1, g.k_blocks, dvg.reshape(X, nG * g.width, bk, D))
+            _scatter_add_blocks(dk, nk, bk, g, dkg)
+            _scatter_add_blocks(dv, nk, bk, g, dvg)
         if plan.rect_rows is not None:
             r0, r1 = plan.rect_rows
             R = plan.rect_keys

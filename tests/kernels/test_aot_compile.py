@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of the Triton kernels (kernels/aot.py) for sm90 and sm80, fp16, bf16 and tf32, on a
 machine without a GPU: Triton's own ptxas turns each kernel into a cubin, so a kernel that does not compile
-for a real GPU fails here, in the default CPU run, and not only on a GPU machine. About 20 s (in a test run
+for a real GPU fails here, in the default CPU run, and not only on a GPU machine. About 35 s (in a test run
 that interprets, the compilation runs in a child process).
 """
 
