@@ -226,12 +226,20 @@ def layout_summary(spec: MaskSpec, block: int = 32) -> dict[str, float]:
     return out
 
 
+def transpose_image(t: torch.Tensor, text_len: int, grid: int) -> torch.Tensor:
+    """t (B, H, L, D) with its image positions transposed (raster <-> column-major), text in place: what
+    `t.index_select(2, masks.column_major_perm(...))` gives, and its own inverse. As a transpose its backward
+    is a transpose too, where index_select's is a scatter-add (atomics on a GPU)."""
+    image = t[:, :, text_len:].unflatten(2, (grid, grid)).transpose(2, 3).flatten(2, 3)  # (B, H, G*G, D)
+    return torch.cat([t[:, :, :text_len], image], dim=2)
+
+
 def run_in_layout_order(lay: BlockLayout, fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """fn(q, k, v) computed in the layout's position order, taking and returning raster order: the transposed
-    column layer permutes the sequence axis (dim 2) to column-major, runs, and permutes back; other layouts
-    run as they are. q, k, v: (B, H, L, D)."""
+    column layer reorders the sequence axis (dim 2) to column-major (`lay.perm`), runs, and reorders back;
+    other layouts run as they are. q, k, v: (B, H, L, D)."""
     if lay.perm is None:
         return fn(q, k, v)
-    perm, inv = lay.perm.to(q.device), lay.inv_perm.to(q.device)
-    q, k, v = (t.index_select(2, perm) for t in (q, k, v))
-    return fn(q, k, v).index_select(2, inv)
+    T, G = lay.spec.text_len, lay.spec.grid
+    q, k, v = (transpose_image(t, T, G) for t in (q, k, v))
+    return transpose_image(fn(q, k, v), T, G)

@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from dalle_ds.attention.layout import EMPTY, FULL, PARTIAL, block_layout, layout_on, layout_summary
+from dalle_ds.attention.layout import (
+    EMPTY,
+    FULL,
+    PARTIAL,
+    block_layout,
+    layout_on,
+    layout_summary,
+    transpose_image,
+)
 from dalle_ds.attention.masks import MaskSpec, column_major_perm, dense_mask
 from dalle_ds.kernels.reference import reference_attention
 
@@ -193,3 +201,18 @@ def test_layouts_are_cached():
     spec = MaskSpec("row", 256, 8, 5)
     assert block_layout(spec, 32) is block_layout(spec, 32)
     assert layout_on(spec, "cpu", 32) is block_layout(spec, 32)
+
+
+@pytest.mark.parametrize(("text_len", "grid"), [(5, 7), (0, 4), (13, 1)])
+def test_transpose_image_is_the_column_major_permutation(text_len, grid):
+    """transpose_image == index_select by column_major_perm, is its own inverse, and its backward is the
+    inverse permutation of the gradient (awkward sizes)."""
+    L = text_len + grid * grid
+    x = torch.randn(2, 3, L, 5, dtype=torch.float64, requires_grad=True)
+    perm = column_major_perm(text_len, grid)
+    y = transpose_image(x, text_len, grid)
+    assert torch.equal(y, x.index_select(2, perm))
+    assert torch.equal(transpose_image(y, text_len, grid), x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.equal(x.grad, g.index_select(2, torch.argsort(perm)))
