@@ -35,7 +35,7 @@ from dalle_ds.rerank.contrastive import ContrastiveModel
 from dalle_ds.rerank.io import save_clip
 from dalle_ds.sampling.placement import sample_device
 from dalle_ds.tokenizer import CaptionTokenizer
-from dalle_ds.training.precision import BF16_MIN_CAPABILITY, Capability
+from dalle_ds.training.precision import Capability, has_bf16
 
 
 def _batch(ds, idx) -> tuple[torch.Tensor, list[str]]:
@@ -93,9 +93,7 @@ def draw_batch(
 
 def autocast_dtype(device_type: str, capability: Capability) -> torch.dtype | None:
     """The training steps' autocast dtype: bf16 on an sm80+ GPU, None (fp32) on the CPU and older GPUs."""
-    if device_type == "cuda" and capability is not None and tuple(capability) >= BF16_MIN_CAPABILITY:
-        return torch.bfloat16
-    return None
+    return torch.bfloat16 if has_bf16(device_type == "cuda", capability) else None
 
 
 @torch.no_grad()

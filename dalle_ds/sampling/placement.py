@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from dalle_ds.errors import ConfigError
-from dalle_ds.training.precision import BF16_MIN_CAPABILITY, Capability, device_capability
+from dalle_ds.training.precision import Capability, has_bf16, local_gpu_index
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -23,8 +23,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def sample_device(name: str = "auto") -> torch.device:
     """ "auto", "cpu", "cuda" or "cuda:N" -> a device that exists here (ConfigError naming --device otherwise)."""
     if name == "auto":
-        has_cuda, _ = device_capability()
-        return torch.device("cuda", torch.cuda.current_device()) if has_cuda else torch.device("cpu")
+        return torch.device("cuda", local_gpu_index()) if torch.cuda.is_available() else torch.device("cpu")
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -42,7 +41,7 @@ def sample_dtype(name: str, device_type: str, capability: Capability) -> torch.d
     """The prior's weight dtype for `name` ("auto", "fp32", "bf16", "fp16") on `device_type` ("cpu"/"cuda")
     with the GPU's `capability`; a precision the device lacks is a ConfigError naming the fix."""
     on_gpu = device_type == "cuda"
-    sm80 = on_gpu and capability is not None and tuple(capability) >= BF16_MIN_CAPABILITY
+    sm80 = has_bf16(on_gpu, capability)
     if name == "auto":
         return torch.bfloat16 if sm80 else torch.float16 if on_gpu else torch.float32
     if name not in DTYPES:

@@ -30,15 +30,24 @@ TF32_MIN_CAPABILITY = (8, 0)  # TF32 tensor cores start with Ampere
 FP16_MIN_CAPABILITY = (7, 0)  # Volta: fp16 tensor cores
 
 
-def device_capability() -> tuple[bool, Capability]:
-    """(has_cuda, capability of this rank's GPU): LOCAL_RANK's, as the launcher assigns devices (GPU 0 when the
-    rank sees only one)."""
-    if not torch.cuda.is_available():
-        return False, None
+def local_gpu_index() -> int:
+    """This rank's GPU: LOCAL_RANK's, as the launcher assigns devices (GPU 0 when the rank sees only one)."""
     index = int(os.environ.get("LOCAL_RANK") or 0)
     if index >= torch.cuda.device_count():  # one visible GPU per rank (e.g. a scheduler's CUDA_VISIBLE_DEVICES)
         index = 0
-    return True, tuple(torch.cuda.get_device_capability(index))
+    return index
+
+
+def device_capability() -> tuple[bool, Capability]:
+    """(has_cuda, capability of this rank's GPU, `local_gpu_index`)."""
+    if not torch.cuda.is_available():
+        return False, None
+    return True, tuple(torch.cuda.get_device_capability(local_gpu_index()))
+
+
+def has_bf16(has_cuda: bool, capability: Capability) -> bool:
+    """A GPU with bf16 units (sm80+)."""
+    return has_cuda and capability is not None and tuple(capability) >= BF16_MIN_CAPABILITY
 
 
 def default_ds_config(has_cuda: bool, capability: Capability) -> str:
@@ -46,9 +55,7 @@ def default_ds_config(has_cuda: bool, capability: Capability) -> str:
     sm80+, fp16 on older GPUs (V100)."""
     if not has_cuda:
         return "cpu_zero0_fp32.json"
-    if capability is not None and tuple(capability) >= BF16_MIN_CAPABILITY:
-        return "gpu_default_bf16.json"
-    return "gpu_default_fp16.json"
+    return "gpu_default_bf16.json" if has_bf16(has_cuda, capability) else "gpu_default_fp16.json"
 
 
 def precision_of(ds_cfg: dict) -> str:
