@@ -22,7 +22,6 @@ calls) at the preset's batch. The batch is not in the preset: it is the DeepSpee
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 from collections.abc import Callable
@@ -276,10 +275,3 @@ def format_table(result: dict) -> str:
         )
     lines.append(result["gpu_note"])
     return "\n".join(lines)
-
-
-def write_json(result: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    return path

@@ -258,13 +258,10 @@ def bench_attention(
             element_density=n_pairs / (L * L),
         )
         log(f"  {row['layout']:10s} {row['backend']:12s} fwd {f:9.2f} ms   fwd+bwd {fb:9.2f} ms")
+    dense_rows = {r["layout"]: r for r in rows if r["backend"] == "dense" and "fwd_ms" in r}
     for r in rows:
-        if "fwd_ms" not in r or r["backend"] == "sdpa_causal":
-            continue
-        dense = next(
-            (d for d in rows if d["layout"] == r["layout"] and d["backend"] == "dense" and "fwd_ms" in d), None
-        )
-        if dense is not None:
+        dense = dense_rows.get(r["layout"])
+        if dense is not None and "fwd_ms" in r:
             r["speedup_fwd_vs_dense"] = dense["fwd_ms"] / r["fwd_ms"]
             r["speedup_fwd_bwd_vs_dense"] = dense["fwd_bwd_ms"] / r["fwd_bwd_ms"]
     for r in rows:

@@ -19,6 +19,14 @@ from dalle_ds.cli.common import run_command
 from dalle_ds.config import PRESETS
 
 
+def write_json(result: dict, path: str) -> Path:
+    """A benchmark's result as indented JSON at `path` (folders made); the path written."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return out
+
+
 def attention_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(
         prog="dalle-ds bench attention",
@@ -56,10 +64,7 @@ def attention_main(argv: list[str]) -> None:
     )
     print(format_table(result))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
-        print(f"wrote {path}")
+        print(f"wrote {write_json(result, args.json)}")
 
 
 def steps_main(argv: list[str]) -> None:
@@ -93,7 +98,7 @@ def steps_main(argv: list[str]) -> None:
     )
     print(bench_steps.format_table(result))
     if args.json:
-        print(f"wrote {bench_steps.write_json(result, args.json)}")
+        print(f"wrote {write_json(result, args.json)}")
 
 
 SUBCOMMANDS = {"attention": attention_main, "steps": steps_main}
